@@ -1,0 +1,298 @@
+"""BLIP-2: frozen image encoder + `ln_vision` + Q-Former + stage-1 heads, and the stage-1 losses.
+
+Stage 1 (`stage1_loss`), per step:
+    image_embeds = ln_vision(vit(images))                             (B, N, Dv), ViT frozen, no graph kept
+    image_kv     = K/V of every cross-attention layer, projected once  reused by the query pass and all ITM rows
+    query pass   -> image_feats (B, Q, E) + the query self-attention K/V cache (for ITG)
+    text pass    -> text_feat (B, E)
+    ITC          features gathered from all ranks; max over queries; label smoothing 0.1
+    ITM          one negative image per text and one negative text per image, drawn on device by a counter-based
+                 Gumbel-max (ops.itm_sampling); 3B pairs [pos | (text, neg image) | (neg text, image)]
+    ITG          [DEC] + text attends to the cached queries and causally to itself; LM head; label smoothing
+                 0.1; averaged over the *global* token count
+Everything is batched and on device: no host synchronisation, no Python loop over samples.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed as dist_utils
+from ..config import Blip2Config
+from ..ops import hashing
+from ..ops.itm_sampling import itm_sample_negatives
+from ..ops.losses import itc_loss_ref, itc_similarities, lm_loss_sum_ref, mean_over_global_count
+from .qformer import PASS_ITG, PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
+from .vision import build_vision_tower, check_pixel_values, freeze_
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Stage1Output:
+    loss: Tensor
+    loss_itc: Tensor
+    loss_itm: Tensor
+    loss_itg: Tensor
+    neg_image_for_text: Optional[Tensor] = None  # (B,) global image index drawn (or given) per text
+    neg_text_for_image: Optional[Tensor] = None  # (B,) global text index per image
+    itm_fallback_rows: Optional[Tensor] = None  # rows with no finite candidate, drawn uniformly (int64 scalar)
+    # with return_details=True:
+    image_feats: Optional[Tensor] = None
+    text_feat: Optional[Tensor] = None
+    sim_i2t: Optional[Tensor] = None
+    sim_t2i: Optional[Tensor] = None
+    itm_logits: Optional[Tensor] = None
+    itg_logits: Optional[Tensor] = None
+
+
+def _init_bert_(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Blip2(nn.Module):
+    def __init__(self, config: Optional[Blip2Config] = None):
+        super().__init__()
+        config = config or Blip2Config()
+        self.config = config
+        q = config.qformer
+        self.visual_encoder = freeze_(build_vision_tower(config.vision), _DTYPES[config.vision.dtype])
+        width = self.visual_encoder.out_width
+        self.ln_vision = nn.LayerNorm(width, eps=config.ln_vision_eps)
+        self.qformer = QFormer(q, image_width=width)
+        _init_bert_(self.qformer)
+        with torch.no_grad():  # the query FFN starts as a copy of the text FFN (LAVIS)
+            for layer in self.qformer.layers:
+                layer.ffn_query.load_state_dict(layer.ffn.state_dict())
+        self.query_tokens = nn.Parameter(torch.randn(1, q.num_query_tokens, q.hidden_size) * 0.02)
+        self.vision_proj = nn.Linear(q.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(q.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(q.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp_init))
+        # [seed, step] of the counter-based draws (ITM negatives, attention dropout). A device tensor, so
+        # CUDA-graph replays see new values; the training loop advances it (`set_seed_step`).
+        self.register_buffer("seed_step", torch.tensor([0, 0], dtype=torch.int64), persistent=False)
+
+    # ------------------------------------------------------------------ housekeeping
+    def train(self, mode: bool = True) -> "Blip2":
+        super().train(mode)
+        self.visual_encoder.eval()  # frozen means eval mode, always
+        return self
+
+    def set_seed_step(self, seed: int, step: int) -> None:
+        """In place, so captured CUDA graphs and compiled steps read the new values."""
+        with torch.no_grad():
+            self.seed_step.copy_(torch.tensor([seed, step], dtype=torch.int64))
+
+    def temperature(self) -> Tensor:
+        clamp = self.config.temp_clamp
+        return self.temp if clamp is None else self.temp.clamp(clamp[0], clamp[1])
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False) -> "Blip2":
+        """Load a LAVIS stage-1 `.pth` (`{"model": state_dict}`). Sizes come from `config`, or from the tensor
+        shapes for the paper's presets. Keys not used, and parameters left at their fresh initialisation, are
+        reported by name (a warning, or an error with strict=True)."""
+        from ..checkpoint.lavis import load_lavis
+
+        return load_lavis(cls, path, config=config, strict=strict)
+
+    # ------------------------------------------------------------------ shared pieces
+    def _dropout(self, row_ids: Tensor, pass_id: int) -> Optional[DropoutContext]:
+        if not self.training or self.config.qformer.attention_dropout == 0.0:
+            return None
+        return DropoutContext(seed_step=self.seed_step, row_ids=row_ids, pass_id=pass_id)
+
+    def _check_text(self, input_ids: Tensor, attention_mask: Tensor, batch: Optional[int] = None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer (B, T); got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        limit = self.config.qformer.max_position_embeddings
+        if input_ids.shape[1] > limit:
+            raise ValueError(f"text length {input_ids.shape[1]} exceeds the Q-Former's {limit} positions; "
+                             f"tokenise to max_text_len={self.config.max_text_len}")
+        if batch is not None and input_ids.shape[0] != batch:
+            raise ValueError(f"{input_ids.shape[0]} texts for {batch} images: stage-1 pairs image b with text b")
+
+    def image_embeds(self, pixel_values: Tensor) -> Tensor:
+        """(B, N, Dv): the frozen ViT's output (no autograd graph) after the trainable `ln_vision`."""
+        check_pixel_values(pixel_values, self.config.vision.image_size)
+        tower_dtype = next(self.visual_encoder.parameters()).dtype
+        with torch.no_grad():
+            feats = self.visual_encoder(pixel_values.to(tower_dtype))
+        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+
+    def _queries(self, batch: int) -> Tensor:
+        return self.query_tokens.expand(batch, -1, -1)
+
+    def _query_pass(self, image_embeds: Tensor, image_kv: list, row_ids: Tensor) -> tuple[Tensor, list]:
+        return self.qformer.query_pass(self._queries(image_embeds.shape[0]), image_kv,
+                                       self._dropout(row_ids, PASS_QUERY))
+
+    # ------------------------------------------------------------------ public inference API
+    def query_output(self, pixel_values: Tensor) -> Tensor:
+        """(B, Q, D) Q-Former query states."""
+        embeds = self.image_embeds(pixel_values)
+        rows = torch.arange(embeds.shape[0], device=embeds.device)
+        return self._query_pass(embeds, self.qformer.image_kv(embeds), rows)[0]
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """(B, Q, E) L2-normalised ITC image features."""
+        return F.normalize(self.vision_proj(self.query_output(pixel_values)), dim=-1)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, E) L2-normalised ITC text features (the [CLS] state of the text pass)."""
+        self._check_text(input_ids, attention_mask)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        out = self.qformer.text_pass(input_ids, attention_mask, self._dropout(rows, PASS_TEXT))
+        return F.normalize(self.text_proj(out[:, 0]), dim=-1)
+
+    def itc_scores(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B_img, B_txt) cosine similarity, max over queries, no temperature (the retrieval score)."""
+        image_feats = self.image_features(pixel_values)
+        text_feat = self.text_features(input_ids, attention_mask)
+        return torch.einsum("iqe,te->itq", image_feats, text_feat).amax(dim=-1)
+
+    def itm_logits(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, 2) ITM logits for the pairs (image b, text b)."""
+        self._check_text(input_ids, attention_mask, batch=pixel_values.shape[0])
+        embeds = self.image_embeds(pixel_values)
+        return self._itm_head(self.qformer.itm_pass(self._queries(embeds.shape[0]), input_ids, attention_mask,
+                                                    self.qformer.image_kv(embeds), None))
+
+    def _itm_head(self, itm_states: Tensor) -> Tensor:
+        return self.itm_head(itm_states[:, : self.config.qformer.num_query_tokens]).mean(dim=1)
+
+    # ------------------------------------------------------------------ stage 1
+    def stage1_loss(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        negatives: Optional[tuple[Tensor, Tensor]] = None,
+        return_details: bool = False,
+    ) -> Stage1Output:
+        """ITC + ITM + ITG (unit weights). `input_ids` are Q-Former ids with [CLS] first, padded to a fixed length.
+
+        negatives: (neg_image_for_text, neg_text_for_image), (B,) int64 *global* indices, replaces the draw.
+        Distributed: call on every rank with its own shard (equal shard sizes); averaging gradients over ranks
+        (DDP) gives exactly the single-process gradient of the whole batch.
+        """
+        cfg, q = self.config, self.config.qformer
+        B = pixel_values.shape[0]
+        self._check_text(input_ids, attention_mask, batch=B)
+        rank, world = dist_utils.world()
+        dev = pixel_values.device
+        local = torch.arange(B, device=dev)
+        rows = rank * B + local  # this rank's global rows: the ITC targets and the hash coordinates
+        B_all = B * world
+
+        image_embeds = self.image_embeds(pixel_values)
+        image_kv = self.qformer.image_kv(image_embeds)
+        query_out, query_cache = self._query_pass(image_embeds, image_kv, rows)
+        image_feats = F.normalize(self.vision_proj(query_out), dim=-1)
+        text_out = self.qformer.text_pass(input_ids, attention_mask, self._dropout(rows, PASS_TEXT))
+        text_feat = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)
+
+        # ---- ITC
+        gather = dist_utils.all_gather_with_grad if cfg.itc_gather_with_grad else dist_utils.all_gather_no_grad
+        image_all, text_all = gather(image_feats), gather(text_feat)
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, self.temperature())
+        loss_itc = itc_loss_ref(sim_i2t, sim_t2i, rows, cfg.itc_label_smoothing)
+
+        # ---- ITM
+        fallback = None
+        if negatives is not None:
+            neg_image, neg_text = self._check_negatives(negatives, B, B_all, dev)
+        elif B_all >= 2:
+            with torch.no_grad():
+                neg_image, n1 = itm_sample_negatives(sim_t2i.detach(), rows, rows, self.seed_step,
+                                                     hashing.STREAM_ITM_NEG_IMAGE_FOR_TEXT)
+                neg_text, n2 = itm_sample_negatives(sim_i2t.detach(), rows, rows, self.seed_step,
+                                                    hashing.STREAM_ITM_NEG_TEXT_FOR_IMAGE)
+                fallback = n1 + n2
+        else:
+            neg_image = neg_text = None
+        if neg_image is None:
+            warnings.warn("ITM needs a global batch of at least 2 (a negative must exist); loss_itm is 0 for this "
+                          "step", stacklevel=2)
+            loss_itm = image_feats.new_zeros(())
+            itm_logits = None
+        else:
+            itm_logits = self._itm_rows(image_embeds, image_kv, input_ids, attention_mask, neg_image, neg_text,
+                                        rank, world)
+            labels = torch.cat([torch.ones(B, dtype=torch.long, device=dev),
+                                torch.zeros(2 * B, dtype=torch.long, device=dev)])
+            loss_itm = F.cross_entropy(itm_logits.float(), labels)
+
+        # ---- ITG
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = q.dec_token_id
+        labels = decoder_ids.masked_fill(decoder_ids == q.pad_token_id, -100)
+        itg_states = self.qformer.itg_pass(decoder_ids, attention_mask, query_cache, self._dropout(rows, PASS_ITG))
+        itg_logits = self.qformer.lm_head(itg_states)
+        loss_sum, count = lm_loss_sum_ref(itg_logits, labels, cfg.itg_label_smoothing)
+        global_count = dist_utils.all_reduce_sum(count) if world > 1 else None
+        loss_itg = mean_over_global_count(loss_sum, count, global_count, world)
+
+        out = Stage1Output(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm,
+                           loss_itg=loss_itg, neg_image_for_text=neg_image, neg_text_for_image=neg_text,
+                           itm_fallback_rows=fallback)
+        if return_details:
+            out.image_feats, out.text_feat, out.sim_i2t, out.sim_t2i = image_feats, text_feat, sim_i2t, sim_t2i
+            out.itm_logits, out.itg_logits = itm_logits, itg_logits
+        return out
+
+    def _check_negatives(self, negatives, B: int, B_all: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+        if not isinstance(negatives, (tuple, list)) or len(negatives) != 2:
+            raise ValueError("negatives must be a pair (neg_image_for_text, neg_text_for_image)")
+        out = []
+        for name, t in zip(("neg_image_for_text", "neg_text_for_image"), negatives):
+            t = torch.as_tensor(t, device=dev)
+            if t.shape != (B,) or t.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"{name} must be an integer tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
+            out.append(t.long())
+        return out[0], out[1]
+
+    def _itm_rows(self, image_embeds: Tensor, image_kv: list, input_ids: Tensor, attention_mask: Tensor,
+                  neg_image: Tensor, neg_text: Tensor, rank: int, world: int) -> Tensor:
+        """ITM logits (3B, 2) for pairs [(text b, image b) | (text b, neg image) | (neg text, image b)]."""
+        B = input_ids.shape[0]
+        dev = input_ids.device
+        local = torch.arange(B, device=dev)
+        if world == 1:
+            kv, neg_slot = image_kv, neg_image
+            ids_all, mask_all = input_ids, attention_mask
+        else:
+            # The negatives may live on other ranks: gather the image embeddings (with gradient, ln_vision is
+            # trainable) and project only the B chosen negatives; the local images' K/V are reused.
+            neg_embeds = dist_utils.all_gather_with_grad(image_embeds).index_select(0, neg_image)
+            neg_kv = self.qformer.image_kv(neg_embeds)
+            kv = [None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+                  for a, b in zip(image_kv, neg_kv)]
+            neg_slot = B + local
+            ids_all = dist_utils.all_gather_no_grad(input_ids)
+            mask_all = dist_utils.all_gather_no_grad(attention_mask)
+        image_index = torch.cat([local, neg_slot, local])
+        text_ids = torch.cat([input_ids, input_ids, ids_all.index_select(0, neg_text)])
+        text_mask = torch.cat([attention_mask, attention_mask, mask_all.index_select(0, neg_text)])
+        B_all = B * world
+        itm_rows = torch.cat([local, local + B_all, local + 2 * B_all]) + rank * B
+        states = self.qformer.itm_pass(self._queries(3 * B), text_ids, text_mask, kv, image_index,
+                                       self._dropout(itm_rows, PASS_ITM))
+        return self._itm_head(states)

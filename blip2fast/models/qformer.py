@@ -1,0 +1,238 @@
+"""The Q-Former: a post-LN BERT whose first tokens are learned queries that cross-attend the image.
+
+One stack of layers serves four kinds of pass (the spec's mask table); each is a method here:
+
+    query_pass   [queries]           bidirectional self-attention, cross-attention to the image, query FFN.
+                                     Keeps every layer's self-attention K/V: ITG and generation attend to them.
+    text_pass    [text]              bidirectional with key padding, no cross-attention, text FFN.
+    itm_pass     [queries | text]    fully bidirectional (padding masked); query rows cross-attend their image
+                                     (picked per row from K/V projected once per step); query FFN on the query
+                                     rows, text FFN on the text rows.
+    itg_pass     [text]              attends to the cached query K/V plus causally to earlier text; text FFN.
+
+Image K/V: `image_kv(image_embeds)` projects each cross-attention layer's K/V once per step; every pass that
+cross-attends reads them (optionally through a row -> image index), so no image is projected twice.
+
+Parameter names are our own and map one-to-one to LAVIS's `Qformer.bert.*` names (see checkpoint/lavis.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import QFormerConfig
+from ..ops.attention import AttnDropout, qformer_attention_ref
+
+# Pass ids feed the dropout hash's `site` so different passes draw independent masks.
+PASS_QUERY, PASS_TEXT, PASS_ITM, PASS_ITG, PASS_GENERATE = range(5)
+
+
+@dataclass
+class DropoutContext:
+    """Per-call inputs of the hashed attention dropout (None in eval mode or with p = 0)."""
+
+    seed_step: Tensor  # (2,) int64 [seed, step]
+    row_ids: Tensor  # (B,) int64 global rows
+    pass_id: int
+
+    def at(self, p: float, layer: int, cross: bool, q_offset: int = 0) -> AttnDropout:
+        site = self.pass_id * 1024 + 2 * layer + int(cross)
+        return AttnDropout(p=p, seed_step=self.seed_step, site=site, row_ids=self.row_ids, q_offset=q_offset)
+
+
+class Embeddings(nn.Module):
+    """cat(queries, word + position) -> LayerNorm -> dropout. Queries get no position; text positions start at 0."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: Optional[Tensor] = None, queries: Optional[Tensor] = None) -> Tensor:
+        parts = []
+        if queries is not None:
+            parts.append(queries)
+        if input_ids is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention + output projection + dropout + residual + post-LN (BERT's attention block)."""
+
+    def __init__(self, cfg: QFormerConfig, kv_width: int):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.attn_dropout_p = cfg.attention_dropout
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.key(x)), self._heads(self.value(x))
+
+    def forward(
+        self,
+        hidden: Tensor,
+        kv: tuple[Tensor, Tensor],
+        *,
+        key_padding: Optional[Tensor] = None,
+        causal_prefix: Optional[int] = None,
+        kv_index: Optional[Tensor] = None,
+        dropout: Optional[AttnDropout] = None,
+    ) -> Tensor:
+        q = self._heads(self.query(hidden))
+        if dropout is not None and (not self.training or self.attn_dropout_p == 0.0):
+            dropout = None
+        ctx = qformer_attention_ref(
+            q, kv[0], kv[1], key_padding=key_padding, causal_prefix=causal_prefix, kv_index=kv_index,
+            dropout=dropout,
+        )
+        B, _, L, _ = ctx.shape
+        ctx = ctx.transpose(1, 2).reshape(B, L, -1)
+        return self.norm(self.dropout(self.dense(ctx)) + hidden)
+
+
+class FeedForward(nn.Module):
+    """BERT's intermediate (dense + exact GELU) and output (dense + dropout + residual + post-LN)."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.dropout(self.down(F.gelu(self.up(x)))) + x)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: QFormerConfig, index: int, image_width: int):
+        super().__init__()
+        self.index = index
+        self.self_attn = Attention(cfg, cfg.hidden_size)
+        self.cross_attn = Attention(cfg, image_width) if cfg.has_cross_attention(index) else None
+        self.ffn = FeedForward(cfg)  # text rows
+        self.ffn_query = FeedForward(cfg)  # query rows (initialised as a copy of the text FFN)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        num_queries: int,
+        *,
+        key_padding: Optional[Tensor] = None,
+        causal_prefix: Optional[int] = None,
+        past_kv: Optional[tuple[Tensor, Tensor]] = None,
+        image_kv: Optional[tuple[Tensor, Tensor]] = None,
+        image_index: Optional[Tensor] = None,
+        drop: Optional[DropoutContext] = None,
+        q_offset: int = 0,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Returns (new hidden, this layer's self-attention K/V of `hidden`, for the cache)."""
+        kv = self.self_attn.project_kv(hidden)
+        full_kv = kv if past_kv is None else (torch.cat([past_kv[0], kv[0]], 2), torch.cat([past_kv[1], kv[1]], 2))
+        p = self.self_attn.attn_dropout_p
+        hidden = self.self_attn(
+            hidden, full_kv, key_padding=key_padding, causal_prefix=causal_prefix,
+            dropout=None if drop is None else drop.at(p, self.index, cross=False, q_offset=q_offset),
+        )
+        queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
+        outs = []
+        if num_queries:
+            if self.cross_attn is not None and image_kv is not None:
+                queries = self.cross_attn(
+                    queries, image_kv, kv_index=image_index,
+                    dropout=None if drop is None else drop.at(p, self.index, cross=True),
+                )
+            outs.append(self.ffn_query(queries))
+        if text.shape[1]:
+            outs.append(self.ffn(text))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), kv
+
+
+class LMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
+
+    def __init__(self, cfg: QFormerConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.word_embeddings = [word_embeddings]  # a list: tied weight, not a second registered submodule
+
+    @property
+    def weight(self) -> Tensor:
+        return self.word_embeddings[0].weight
+
+    def transform(self, hidden: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(hidden)))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.linear(self.transform(hidden), self.weight, self.bias)
+
+
+class QFormer(nn.Module):
+    def __init__(self, cfg: QFormerConfig, image_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg, i, image_width) for i in range(cfg.num_layers))
+        self.lm_head = LMHead(cfg, self.embeddings.word_embeddings)
+
+    def image_kv(self, image_embeds: Tensor) -> list[Optional[tuple[Tensor, Tensor]]]:
+        """Each cross-attention layer's image K/V, (B_img, H, N, d) each: computed once per step, reused by all
+        passes that cross-attend."""
+        return [None if l.cross_attn is None else l.cross_attn.project_kv(image_embeds) for l in self.layers]
+
+    def _run(self, hidden: Tensor, num_queries: int, drop: Optional[DropoutContext], q_offset: int = 0,
+             past: Optional[list] = None, image_kv: Optional[list] = None, **kw) -> tuple[Tensor, list]:
+        cache = []
+        for i, layer in enumerate(self.layers):
+            hidden, kv = layer(
+                hidden, num_queries, past_kv=None if past is None else past[i],
+                image_kv=None if image_kv is None else image_kv[i], drop=drop, q_offset=q_offset, **kw,
+            )
+            cache.append(kv)
+        return hidden, cache
+
+    def query_pass(self, queries: Tensor, image_kv: list, drop: Optional[DropoutContext] = None
+                   ) -> tuple[Tensor, list]:
+        """queries (B, Q, D) -> (query states (B, Q, D), per-layer self-attention K/V of the queries)."""
+        hidden = self.embeddings(queries=queries)
+        return self._run(hidden, queries.shape[1], drop, image_kv=image_kv)
+
+    def text_pass(self, input_ids: Tensor, attention_mask: Tensor, drop: Optional[DropoutContext] = None) -> Tensor:
+        hidden = self.embeddings(input_ids=input_ids)
+        return self._run(hidden, 0, drop, key_padding=attention_mask)[0]
+
+    def itm_pass(self, queries: Tensor, input_ids: Tensor, attention_mask: Tensor, image_kv: list,
+                 image_index: Optional[Tensor], drop: Optional[DropoutContext] = None) -> Tensor:
+        """Rows are (image image_index[r], text r) pairs; returns (R, Q + T, D)."""
+        Q = queries.shape[1]
+        hidden = self.embeddings(input_ids=input_ids, queries=queries)
+        padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
+        return self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, image_index=image_index)[0]
+
+    def itg_pass(self, decoder_ids: Tensor, attention_mask: Tensor, query_cache: list,
+                 drop: Optional[DropoutContext] = None) -> Tensor:
+        """decoder_ids (B, T) ([DEC] first) attend to the cached query K/V and causally to earlier text."""
+        Q = query_cache[0][0].shape[2]
+        hidden = self.embeddings(input_ids=decoder_ids)
+        padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
+        return self._run(hidden, 0, drop, q_offset=Q, past=query_cache, key_padding=padding, causal_prefix=Q)[0]

@@ -26,7 +26,7 @@ from .. import distributed as dist_utils
 from ..config import Blip2Config
 from ..ops import hashing
 from ..ops.itm_sampling import itm_sample_negatives
-from ..ops.losses import itc_loss_ref, itc_similarities, lm_loss_sum_ref, mean_over_global_count
+from ..ops.losses import itc_loss_ref, itc_similarities, lm_loss_sum_ref, mean_over_global_count, upcast
 from .qformer import PASS_ITG, PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
 from .vision import build_vision_tower, check_pixel_values, freeze_
 
@@ -170,6 +170,7 @@ class Blip2(nn.Module):
 
     def itm_logits(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, 2) ITM logits for the pairs (image b, text b)."""
+        check_pixel_values(pixel_values, self.config.vision.image_size)
         self._check_text(input_ids, attention_mask, batch=pixel_values.shape[0])
         embeds = self.image_embeds(pixel_values)
         return self._itm_head(self.qformer.itm_pass(self._queries(embeds.shape[0]), input_ids, attention_mask,
@@ -179,6 +180,11 @@ class Blip2(nn.Module):
         return self.itm_head(itm_states[:, : self.config.qformer.num_query_tokens]).mean(dim=1)
 
     # ------------------------------------------------------------------ stage 1
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                negatives: Optional[tuple[Tensor, Tensor]] = None) -> Stage1Output:
+        """The stage-1 training step's forward (so DDP and torch.compile wrap the model as usual)."""
+        return self.stage1_loss(pixel_values, input_ids, attention_mask, negatives=negatives)
+
     def stage1_loss(
         self,
         pixel_values: Tensor,
@@ -194,6 +200,7 @@ class Blip2(nn.Module):
         (DDP) gives exactly the single-process gradient of the whole batch.
         """
         cfg, q = self.config, self.config.qformer
+        check_pixel_values(pixel_values, cfg.vision.image_size)
         B = pixel_values.shape[0]
         self._check_text(input_ids, attention_mask, batch=B)
         rank, world = dist_utils.world()
@@ -238,7 +245,7 @@ class Blip2(nn.Module):
                                         rank, world)
             labels = torch.cat([torch.ones(B, dtype=torch.long, device=dev),
                                 torch.zeros(2 * B, dtype=torch.long, device=dev)])
-            loss_itm = F.cross_entropy(itm_logits.float(), labels)
+            loss_itm = F.cross_entropy(upcast(itm_logits), labels)
 
         # ---- ITG
         decoder_ids = input_ids.clone()

@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision logits are reduced in float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, text_all: Tensor,
                      temp: Tensor) -> tuple[Tensor, Tensor]:
     """sim_i2t (B, B_all) = max_q <image_feats[b, q], text_all[j]> / temp;
@@ -24,14 +29,14 @@ def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, 
 
 
 def itc_loss_ref(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
-    return 0.5 * (F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
-                  + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=label_smoothing))
+    return 0.5 * (F.cross_entropy(upcast(sim_i2t), targets, label_smoothing=label_smoothing)
+                  + F.cross_entropy(upcast(sim_t2i), targets, label_smoothing=label_smoothing))
 
 
 def lm_loss_sum_ref(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
     """Shifted LM loss: logits (B, T, V) predict labels[:, 1:]. Returns (sum over non-ignored tokens, their count).
     Labels equal to -100 are ignored."""
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted = upcast(logits[:, :-1].reshape(-1, logits.shape[-1]))
     target = labels[:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(shifted, target, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
     return loss_sum, (target != -100).sum()

@@ -1,0 +1,210 @@
+"""Stage-1 behaviour on a random tiny model: masks, sampling edge cases, dropout reproducibility, frozen tower."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from blip2fast import Blip2
+from blip2fast.config import blip2_tiny
+from blip2fast.models.qformer import DropoutContext
+
+
+def make_model(seed: int = 0, **changes) -> Blip2:
+    torch.manual_seed(seed)
+    return Blip2(blip2_tiny().replace(**changes))
+
+
+def make_batch(B: int, T: int = 16, seed: int = 1, lengths=None):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, 32, 32, generator=g)
+    lengths = lengths if lengths is not None else torch.randint(2, T + 1, (B,), generator=g).tolist()
+    ids = torch.randint(1000, 2000, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        ids[b, 0] = 101
+        if n >= 2:
+            ids[b, n - 1] = 102
+    ids = ids.masked_fill(mask == 0, 0)
+    return images, ids, mask
+
+
+@pytest.mark.parametrize("B", [2, 3, 7])
+def test_losses_finite_and_negatives_valid(B):
+    m = make_model().eval()
+    m.set_seed_step(5, 11)
+    out = m.stage1_loss(*make_batch(B))
+    for name in ("loss", "loss_itc", "loss_itm", "loss_itg"):
+        assert torch.isfinite(getattr(out, name)), name
+    ar = torch.arange(B)
+    for neg in (out.neg_image_for_text, out.neg_text_for_image):
+        assert neg.shape == (B,) and neg.dtype == torch.int64
+        assert ((neg >= 0) & (neg < B)).all() and (neg != ar).all(), "a positive was drawn as its own negative"
+    assert out.itm_fallback_rows.item() == 0
+
+
+def test_sampling_is_a_function_of_seed_and_step():
+    m = make_model().eval()
+    batch = make_batch(9)
+    draws = {}
+    for seed, step in [(1, 0), (1, 0), (1, 1), (2, 0)]:
+        m.set_seed_step(seed, step)
+        with torch.no_grad():
+            out = m.stage1_loss(*batch)
+        draws.setdefault((seed, step), []).append(torch.cat([out.neg_image_for_text, out.neg_text_for_image]))
+    assert torch.equal(draws[(1, 0)][0], draws[(1, 0)][1])
+    assert not torch.equal(draws[(1, 0)][0], draws[(1, 1)][0]) or not torch.equal(draws[(1, 0)][0], draws[(2, 0)][0])
+
+
+def test_batch_of_one_skips_itm_with_a_warning():
+    m = make_model().eval()
+    with pytest.warns(UserWarning, match="global batch of at least 2"):
+        out = m.stage1_loss(*make_batch(1))
+    assert out.loss_itm.item() == 0.0 and out.neg_image_for_text is None
+    assert torch.isfinite(out.loss) and torch.isfinite(out.loss_itg)
+    out.loss.backward()
+    assert m.query_tokens.grad is not None and torch.isfinite(m.query_tokens.grad).all()
+
+
+def test_single_candidate_rows_take_the_only_other_sample():
+    m = make_model().eval()
+    out = m.stage1_loss(*make_batch(2))
+    assert out.neg_image_for_text.tolist() == [1, 0] and out.neg_text_for_image.tolist() == [1, 0]
+
+
+def test_nan_image_rows_fall_back_to_uniform_draws_and_are_counted():
+    m = make_model().eval()
+    images, ids, mask = make_batch(5)
+    images[2] = float("nan")  # image 2's features, and so its similarities, are NaN
+    with torch.no_grad():
+        out = m.stage1_loss(images, ids, mask)
+    assert out.itm_fallback_rows.item() == 1  # image row 2 has no finite candidate text
+    neg_text = out.neg_text_for_image
+    assert neg_text[2] != 2 and 0 <= neg_text[2] < 5
+    # text rows still have finite candidates (every image but 2): they never pick the NaN image
+    assert (out.neg_image_for_text[torch.arange(5) != 2] != 2).all()
+
+
+def test_all_padding_text_gives_a_defined_result():
+    m = make_model().eval()
+    images, ids, mask = make_batch(3)
+    ids[1], mask[1] = 0, 0  # a caption with no tokens at all (a broken sample)
+    out = m.stage1_loss(images, ids, mask)
+    assert torch.isfinite(out.loss), "all-padding text must not produce NaN (LAVIS attends uniformly)"
+    ids[:], mask[:] = 0, 0  # every caption empty: no ITG tokens anywhere -> ITG is 0, not 0/0
+    out = m.stage1_loss(images, ids, mask)
+    assert out.loss_itg.item() == 0.0 and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 31, 32), (2, 1, 32, 32), (3, 32, 32)])
+def test_wrong_image_shape_is_a_clear_error(shape):
+    m = make_model().eval()
+    _, ids, mask = make_batch(2)
+    with pytest.raises(ValueError, match=r"pixel_values has shape .* expected \(batch, 3, 32, 32\)"):
+        m.stage1_loss(torch.randn(shape), ids, mask)
+
+
+def test_mismatched_text_batch_is_a_clear_error():
+    m = make_model().eval()
+    images, ids, mask = make_batch(3)
+    with pytest.raises(ValueError, match="2 texts for 3 images"):
+        m.stage1_loss(images, ids[:2], mask[:2])
+    with pytest.raises(ValueError, match="negatives must be a pair"):
+        m.stage1_loss(images, ids, mask, negatives=torch.zeros(3, dtype=torch.long))
+
+
+def test_itg_is_causal_and_ignores_padding():
+    """Changing text token t changes ITG logits only at positions >= t; padding tokens change nothing."""
+    m = make_model().eval()
+    images, ids, mask = make_batch(2, lengths=[12, 5])
+    with torch.no_grad():
+        base = m.stage1_loss(images, ids, mask, negatives=(torch.tensor([1, 0]),) * 2, return_details=True)
+        ids2 = ids.clone()
+        ids2[0, 6] = 1500 if ids[0, 6] != 1500 else 1501
+        ids2[1, 8] = 1234  # padding position of sample 1 (mask 0): invisible to every real row
+        alt = m.stage1_loss(images, ids2, mask, negatives=(torch.tensor([1, 0]),) * 2, return_details=True)
+    d = (base.itg_logits - alt.itg_logits).abs().amax(dim=-1)  # (B, T)
+    assert d[0, :6].max() == 0 and d[0, 6:12].min() > 0
+    assert d[1, :5].max() == 0
+    # the query pass never sees text: image features identical
+    assert torch.equal(base.image_feats, alt.image_feats)
+
+
+def test_itc_text_pass_is_bidirectional_and_query_free():
+    m = make_model().eval()
+    images, ids, mask = make_batch(2, lengths=[10, 10])
+    with torch.no_grad():
+        f1 = m.text_features(ids, mask)
+        ids2 = ids.clone()
+        ids2[:, 8] = 1777
+        f2 = m.text_features(ids2, mask)
+        f3 = m.text_features(ids, mask)
+    assert (f1 - f2).abs().max() > 0  # [CLS] sees later tokens
+    assert torch.equal(f1, f3)
+
+
+def test_image_kv_is_projected_once_per_step(monkeypatch):
+    m = make_model().eval()
+    calls = []
+    for layer in m.qformer.layers:
+        if layer.cross_attn is not None:
+            orig = layer.cross_attn.project_kv
+            monkeypatch.setattr(layer.cross_attn, "project_kv",
+                                lambda x, orig=orig: calls.append(x.shape[0]) or orig(x))
+    B = 4
+    m.stage1_loss(*make_batch(B))
+    n_cross = sum(l.cross_attn is not None for l in m.qformer.layers)
+    assert calls == [B] * n_cross, calls
+
+
+def test_frozen_tower_stays_frozen_and_in_eval_mode():
+    m = make_model(**{})
+    m.train()
+    assert not m.visual_encoder.training and m.qformer.training
+    assert all(not p.requires_grad for p in m.visual_encoder.parameters())
+    out = m.stage1_loss(*make_batch(3))
+    out.loss.backward()
+    assert all(p.grad is None for p in m.visual_encoder.parameters())
+    assert m.ln_vision.weight.grad is not None and m.temp.grad is not None
+
+
+def test_default_vision_dtype_is_half():
+    cfg = blip2_tiny().replace(vision=blip2_tiny().vision.__class__(**{**blip2_tiny().vision.__dict__,
+                                                                        "dtype": "bfloat16"}))
+    m = Blip2(cfg)
+    assert all(p.dtype == torch.bfloat16 for p in m.visual_encoder.parameters())
+    assert m.image_embeds(torch.randn(2, 3, 32, 32)).dtype == torch.float32  # ln_vision is trainable, fp32
+
+
+def test_hashed_attention_dropout_is_reproducible_and_seeded():
+    m = make_model(qformer=blip2_tiny().qformer.__class__(
+        **{**blip2_tiny().qformer.__dict__, "hidden_dropout": 0.0, "attention_dropout": 0.3})).train()
+    batch = make_batch(3)
+    neg = (torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1]))
+    losses = []
+    for seed, step in [(3, 4), (3, 4), (3, 5)]:
+        m.set_seed_step(seed, step)
+        with torch.no_grad():
+            losses.append(m.stage1_loss(*batch, negatives=neg).loss)
+    assert losses[0] == losses[1], "same seed and step must give the same dropout masks"
+    assert losses[0] != losses[2], "a new step must draw new dropout masks"
+    m.eval()
+    with torch.no_grad():
+        e1, e2 = m.stage1_loss(*batch, negatives=neg).loss, m.stage1_loss(*batch, negatives=neg).loss
+    assert e1 == e2 and e1 != losses[0]
+
+
+def test_dropout_context_sites_differ_per_pass_layer_and_kind():
+    ctx = DropoutContext(seed_step=torch.tensor([0, 0]), row_ids=torch.arange(2), pass_id=2)
+    sites = {ctx.at(0.1, layer, cross).site for layer in range(12) for cross in (False, True)}
+    other = DropoutContext(seed_step=torch.tensor([0, 0]), row_ids=torch.arange(2), pass_id=3)
+    assert len(sites) == 24 and not sites & {other.at(0.1, l, c).site for l in range(12) for c in (False, True)}
+
+
+def test_no_warning_for_normal_batches():
+    m = make_model().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.stage1_loss(*make_batch(4))

@@ -57,21 +57,35 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _as_key(k: IntLike, device: torch.device) -> Tensor:
+def _mix32_int(x: int) -> int:
+    """mix32 on a Python int (for keys that are all constants)."""
+    x ^= x >> 16
+    x = (x * MIX_C1) & MASK32
+    x ^= x >> 15
+    x = (x * MIX_C2) & MASK32
+    return x ^ (x >> 16)
+
+
+def _as_key(k: IntLike) -> IntLike:
     if isinstance(k, Tensor):
         if k.dtype.is_floating_point or k.dtype == torch.bool:
             raise TypeError(f"hash keys must be integer tensors, got {k.dtype}")
-        return k.to(device=device, dtype=torch.int64) & MASK32
-    return torch.tensor(int(k) & MASK32, dtype=torch.int64, device=device)
+        return k.to(torch.int64) & MASK32
+    return int(k) & MASK32
 
 
 def counter_hash(*keys: IntLike, device: torch.device | None = None) -> Tensor:
-    """hash(k0, ..., kn) as int64 values in [0, 2**32); tensor keys broadcast against each other."""
-    if device is None:
-        device = next((k.device for k in keys if isinstance(k, Tensor)), torch.device("cpu"))
-    h = torch.tensor(GOLDEN, dtype=torch.int64, device=device)
+    """hash(k0, ..., kn) as int64 values in [0, 2**32); tensor keys broadcast against each other.
+
+    Constant keys stay Python ints until the first tensor key, so no host-to-device copy is made (none is
+    allowed inside a captured CUDA graph)."""
+    h: IntLike = GOLDEN
     for k in keys:
-        h = mix32(h ^ _as_key(k, device))
+        k = _as_key(k)
+        h = h ^ k
+        h = _mix32_int(h) if isinstance(h, int) else mix32(h)
+    if isinstance(h, int):
+        return torch.tensor(h, dtype=torch.int64, device=device)
     return h
 
 

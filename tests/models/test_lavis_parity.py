@@ -112,9 +112,11 @@ def assert_grad_close(ours32, ours64, theirs):
     """fp32 parity within 1e-5, except where LAVIS's own fp32 result is farther than that from the exact (fp64)
     value of the same function: then ours may be at most twice as far from LAVIS as LAVIS is from exact (the
     flash-attention rule). The ITC gradient is such a case: it is ill-conditioned on this input (LAVIS's fp32
-    value is ~2.7e-5 from the fp64 one), the others are not (~1e-7)."""
+    value is 4e-5..7e-5 from the fp64 one), the others are not (~1e-7)."""
     own_error = rel_err(ours64, theirs)
-    assert own_error < 5e-5, f"fp64 gradient differs from LAVIS by {own_error:.2e}: a real mismatch"
+    # LAVIS's fp32 ITC gradients are 4e-5..7e-5 from exact here; a real mismatch (e.g. the other ITC gradient
+    # convention) is ~7e-2
+    assert own_error < 1e-4, f"fp64 gradient differs from LAVIS by {own_error:.2e}: a real mismatch"
     tol = max(TOL, 2 * own_error)
     assert rel_err(ours32, theirs) < tol, (rel_err(ours32, theirs), tol)
 

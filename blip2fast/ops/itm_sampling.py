@@ -1,0 +1,128 @@
+"""ITM hard-negative sampling: Gumbel-max over the masked similarity softmax, batched, on device, NaN-safe.
+
+LAVIS draws each negative with `torch.multinomial(softmax(sim)).item()` in a Python loop: 2B host syncs a step,
+and a crash when a row of weights holds NaN (LAVIS #107). Here one call draws a whole direction:
+
+    neg[r] = argmax_j  sim[r, j] + gumbel(hash(seed, step, stream, row_ids[r], j))   over candidates j
+
+Gumbel-max over the logits draws from softmax(sim) exactly (log-softmax differs from sim by a per-row constant),
+so there is no softmax to overflow. Candidates are the finite entries of the row other than its positive.
+A row with no finite candidate (all NaN/inf) draws uniformly among all columns but its positive and is counted
+in `n_fallback`. A matrix with fewer than two columns has no negative at all: that is an error (callers skip
+ITM instead). Everything stays on device; nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import hashing
+
+
+def _check(sim: Tensor, positive: Tensor, row_ids: Tensor) -> None:
+    if sim.dim() != 2:
+        raise ValueError(f"sim must be 2-D (rows, candidates), got shape {tuple(sim.shape)}")
+    if not sim.dtype.is_floating_point:
+        raise TypeError(f"sim must be a floating-point tensor, got {sim.dtype}")
+    rows, cols = sim.shape
+    if cols < 2:
+        raise ValueError(
+            f"ITM negative sampling needs at least 2 candidates per row (the positive and one other); got {cols} "
+            "columns. Use a global batch of 2 or more, or skip ITM for this step."
+        )
+    for name, t in (("positive", positive), ("row_ids", row_ids)):
+        if t.shape != (rows,) or t.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64 of shape ({rows},), got {t.dtype} {tuple(t.shape)}")
+
+
+def itm_sample_negatives_ref(
+    sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor, stream: int
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch reference. Returns (negative column per row (int64), number of fallback rows (int64 scalar)).
+
+    sim:       (R, C) similarity logits (any float dtype; scored in float32)
+    positive:  (R,) column of each row's positive, excluded from the draw
+    row_ids:   (R,) global row index of each row (the hash coordinate, so every rank draws what one process would)
+    seed_step: (2,) int64 [seed, step]
+    stream:    hashing.STREAM_ITM_* (keeps the two directions independent)
+    """
+    _check(sim, positive, row_ids)
+    seed_lo, seed_hi, step = hashing.seed_keys(seed_step)
+    cols = torch.arange(sim.shape[1], device=sim.device)
+    h = hashing.counter_hash(seed_lo, seed_hi, step, stream, row_ids[:, None], cols[None, :])
+    g = hashing.gumbel_from_hash(h)
+    not_positive = cols[None, :] != positive[:, None]
+    logits = sim.to(torch.float32)
+    candidate = torch.isfinite(logits) & not_positive
+    neg_inf = logits.new_full((), float("-inf"))  # a fill, not a host-to-device copy (CUDA-graph safe)
+    drawn = torch.where(candidate, logits + g, neg_inf).argmax(dim=1)
+    uniform = torch.where(not_positive, g, neg_inf).argmax(dim=1)
+    has_candidate = candidate.any(dim=1)
+    neg = torch.where(has_candidate, drawn, uniform)
+    return neg, (~has_candidate).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry point: one function, backends chosen by argument > BLIP2FAST_BACKEND > automatic.
+#   "torch": itm_sample_negatives_ref above (any device, any float dtype)
+#   "cpp":   the compiled op torch.ops.blip2fast.itm_sample_negatives (csrc/: C++ on CPU tensors, CUDA kernel on
+#            CUDA tensors); fp32/fp16/bf16 sims. Identical indices to the reference.
+# Automatic takes "cpp" when it can run the input, else "torch". A backend that was asked for (argument or
+# environment) and cannot run the input raises with the reasons; it never falls back silently.
+
+BACKENDS = ("torch", "cpp")
+_CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cpp_unsupported(sim: Tensor) -> list[str]:
+    """Why the compiled op cannot take this input ([] when it can)."""
+    from . import _extension
+
+    status = _extension.load_extension()
+    if not status:
+        return [status.reason]
+    reasons = []
+    if sim.dtype not in _CPP_DTYPES:
+        reasons.append(f"sim dtype {sim.dtype} is not one of float32/float16/bfloat16")
+    if sim.device.type == "cuda":
+        if not status.cuda:
+            reasons.append("blip2fast._C was built without CUDA (CPU-only torch or no nvcc at build time)")
+    elif sim.device.type != "cpu":
+        reasons.append(f"no kernel for device type {sim.device.type!r} (CPU and CUDA only)")
+    return reasons
+
+
+def _choose_backend(sim: Tensor, backend: str | None) -> str:
+    source = "backend argument"
+    if backend is None:
+        env = os.environ.get("BLIP2FAST_BACKEND", "").strip()
+        if env:
+            backend, source = env, "BLIP2FAST_BACKEND"
+    if backend is None:
+        return "cpp" if not _cpp_unsupported(sim) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ITM sampling backend {backend!r} (from {source}); choose one of {BACKENDS}")
+    if backend == "cpp":
+        reasons = _cpp_unsupported(sim)
+        if reasons:
+            raise RuntimeError(
+                f"itm_sample_negatives: backend 'cpp' was requested ({source}) but cannot run this input: "
+                + "; ".join(reasons)
+                + ". Use backend='torch' or unset the request for automatic choice."
+            )
+    return backend
+
+
+def itm_sample_negatives(
+    sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor, stream: int, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Draw one hard negative per row; same arguments and results as `itm_sample_negatives_ref`.
+
+    backend: "torch" | "cpp" | None (BLIP2FAST_BACKEND if set, else the compiled op when it can run, else torch).
+    Every backend returns identical indices (the reference is the spec).
+    """
+    if _choose_backend(sim, backend) == "cpp":
+        return torch.ops.blip2fast.itm_sample_negatives(sim, positive, row_ids, seed_step, int(stream))
+    return itm_sample_negatives_ref(sim, positive, row_ids, seed_step, stream)

@@ -208,3 +208,37 @@ def test_no_warning_for_normal_batches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m.stage1_loss(*make_batch(4))
+
+
+def _stage1_smoke(cfg, image_size: int):
+    torch.manual_seed(0)
+    m = Blip2(cfg)
+    images = torch.randn(3, 3, image_size, image_size)
+    _, ids, mask = make_batch(3)
+    out = m.stage1_loss(images, ids, mask)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in m.visual_encoder.parameters())
+    assert m.query_tokens.grad is not None and m.ln_vision.weight.grad is not None
+    return m
+
+
+def test_stage1_with_the_clip_layout_tower():
+    from blip2fast.config import VisionConfig
+    cfg = blip2_tiny().replace(vision=VisionConfig(kind="clip", image_size=32, patch_size=8, width=48, depth=2,
+                                                   heads=4, mlp_hidden=192, layer_norm_eps=1e-5, dtype="float32"))
+    m = _stage1_smoke(cfg, 32)
+    assert m.image_embeds(torch.randn(2, 3, 32, 32)).shape == (2, 17, 48)
+
+
+def test_stage1_with_a_transformers_vision_tower(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from blip2fast.config import VisionConfig
+    hf_cfg = transformers.CLIPVisionConfig(hidden_size=40, intermediate_size=80, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=24, patch_size=6)
+    torch.manual_seed(0)
+    transformers.CLIPVisionModel(hf_cfg).save_pretrained(tmp_path)
+    cfg = blip2_tiny().replace(vision=VisionConfig(kind="hf", hf_path=str(tmp_path), hf_feature_layer=-2,
+                                                   image_size=24, dtype="float32"))
+    m = _stage1_smoke(cfg, 24)
+    assert m.image_embeds(torch.randn(2, 3, 24, 24)).shape == (2, 17, 40)

@@ -14,12 +14,13 @@ from torch import Tensor, nn
 from ..config import VisionConfig
 
 
-def check_pixel_values(pixel_values: Tensor, image_size: int) -> None:
-    """A wrong image size or layout fails here, naming the value, not deep inside a conv or a reshape."""
+def check_pixel_values(pixel_values: Tensor, image_size: int, channels: int = 3) -> None:
+    """A wrong image size or layout fails here, naming the value, not deep inside a conv or a reshape.
+    Every tower calls it, so the message is the same whichever layout the model uses."""
     if not isinstance(pixel_values, Tensor) or not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be a floating-point tensor, got {type(pixel_values).__name__}"
                         + (f" of dtype {pixel_values.dtype}" if isinstance(pixel_values, Tensor) else ""))
-    expected = (3, image_size, image_size)
+    expected = (channels, image_size, image_size)
     if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
         raise ValueError(
             f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {expected[0]}, {expected[1]}, "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip2fast.config import VisionConfig
+from blip2fast.models.vision import check_pixel_values
 
 __all__ = ["ClipViT", "clip_state_dict_from_hf"]
 
@@ -150,16 +151,8 @@ class ClipViT(nn.Module):
         self.ln_pre = LayerNorm(w, eps=cfg.layer_norm_eps)
         self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_hidden, cfg.layer_norm_eps)
 
-    def _check_input(self, pixel_values: torch.Tensor) -> None:
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"ClipViT: pixel_values has shape {tuple(pixel_values.shape)}; expected (B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}) (3 channels at image_size={self.image_size})"
-            )
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self._check_input(pixel_values)
+        check_pixel_values(pixel_values, self.image_size)
         x = self.conv1(pixel_values.to(self.conv1.weight.dtype))  # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from blip2fast.config import VisionConfig
+from blip2fast.models.vision import check_pixel_values
 
 __all__ = ["HFVisionTower", "load_hf_vision_model"]
 
@@ -193,16 +194,8 @@ class HFVisionTower(nn.Module):
         self._captured = output[0] if isinstance(output, (tuple, list)) else output
 
     # ------------------------------------------------------------ forward
-    def _check_input(self, pixel_values: torch.Tensor) -> None:
-        expected = (self.num_channels, self.image_size, self.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"HFVisionTower: pixel_values has shape {tuple(pixel_values.shape)}; expected (B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}) ({expected[0]} channels at image_size={self.image_size})"
-            )
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self._check_input(pixel_values)
+        check_pixel_values(pixel_values, self.image_size, self.num_channels)
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
         if self._mode == "last":
             return self.model(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state

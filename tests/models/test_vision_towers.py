@@ -146,7 +146,7 @@ def test_clip_input_validation():
     for bad in [(2, 1, IMG, IMG), (2, 3, IMG + PATCH, IMG + PATCH), (2, 3, IMG, IMG - PATCH), (3, IMG, IMG)]:
         with pytest.raises(ValueError) as e:
             model(torch.zeros(bad))
-        assert str(tuple(bad)) in str(e.value) and f"(B, 3, {IMG}, {IMG})" in str(e.value)
+        assert str(tuple(bad)) in str(e.value) and f"(batch, 3, {IMG}, {IMG})" in str(e.value)
     with pytest.raises(ValueError, match="kind='clip'"):
         ClipViT(VisionConfig(kind="eva"))
 
@@ -272,7 +272,7 @@ def test_hf_tower_input_validation(hf_folders):
     for bad in [(2, 1, IMG, IMG), (2, 3, IMG + PATCH, IMG + PATCH), (3, IMG, IMG)]:
         with pytest.raises(ValueError) as e:
             tower(torch.zeros(bad))
-        assert str(tuple(bad)) in str(e.value) and f"(B, 3, {IMG}, {IMG})" in str(e.value)
+        assert str(tuple(bad)) in str(e.value) and f"(batch, 3, {IMG}, {IMG})" in str(e.value)
 
 
 def test_hf_tower_bad_paths(hf_folders, tmp_path):

@@ -74,9 +74,26 @@ class QFormerConfig:
 
 
 @dataclass(frozen=True)
+class LLMConfig:
+    """The frozen LLM of stage 2, any transformers causal LM (OPT, Llama, ...) or T5/FlanT5 encoder-decoder.
+
+    Give `path` (a local folder saved by transformers: config + weights, tokenizer files optional) or `hf_config`
+    (the LLM's config.json as a dict: the model is built with random weights, for tests and for loading a whole
+    BLIP-2 checkpoint whose weights carry the LLM). Never a hub name: nothing is downloaded.
+    """
+
+    path: Optional[str] = None
+    hf_config: Optional[dict] = None
+    dtype: str = "float16"  # storage + compute dtype of the frozen LLM (the paper: fp16 OPT, bf16 FlanT5)
+    max_text_len: int = 32  # tokens of caption (decoder-only) or of prefix/suffix (encoder-decoder)
+    exact_gelu: bool = True  # T5/FlanT5: exact GELU in the FFN instead of the tanh approximation (the paper)
+
+
+@dataclass(frozen=True)
 class Blip2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: Optional[LLMConfig] = None  # stage 2 only: projection + frozen LLM
     embed_dim: int = 256  # ITC projection width
     ln_vision_eps: float = 1e-5  # LAVIS uses 1e-5; transformers' post_layernorm 1e-6 (the loader sets it)
     max_text_len: int = 32  # captions are tokenised to this many tokens in the data loader
@@ -102,9 +119,10 @@ class Blip2Config:
         d = dict(d)
         vision = VisionConfig(**d.pop("vision", {}))
         qformer = QFormerConfig(**d.pop("qformer", {}))
+        llm = d.pop("llm", None)
         if d.get("temp_clamp") is not None:
             d["temp_clamp"] = tuple(d["temp_clamp"])
-        return cls(vision=vision, qformer=qformer, **d)
+        return cls(vision=vision, qformer=qformer, llm=None if llm is None else LLMConfig(**llm), **d)
 
 
 def validate(cfg: Blip2Config) -> list[str]:
@@ -133,6 +151,11 @@ def validate(cfg: Blip2Config) -> list[str]:
         errs.append(
             f"max_text_len={cfg.max_text_len} exceeds qformer.max_position_embeddings={q.max_position_embeddings}"
         )
+    if cfg.llm is not None:
+        if (cfg.llm.path is None) == (cfg.llm.hf_config is None):
+            errs.append("llm: give exactly one of llm.path (a local transformers folder) or llm.hf_config (a dict)")
+        if cfg.llm.dtype not in DTYPES:
+            errs.append(f"llm.dtype={cfg.llm.dtype!r}: must be one of {DTYPES}")
     if cfg.temp_clamp is not None and not (0 < cfg.temp_clamp[0] < cfg.temp_clamp[1]):
         errs.append(f"temp_clamp={cfg.temp_clamp}: must be (low, high) with 0 < low < high, or None")
     return errs

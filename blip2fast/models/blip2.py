@@ -26,11 +26,19 @@ from .. import distributed as dist_utils
 from ..config import Blip2Config
 from ..ops import hashing
 from ..ops.itm_sampling import itm_sample_negatives
-from ..ops.losses import itc_loss_ref, itc_similarities, lm_loss_sum_ref, mean_over_global_count, upcast
+from ..ops.losses import (itc_loss_ref, itc_similarities, lm_loss_sum_ref, mean_over_global_count, token_ce_sum_ref,
+                          upcast)
 from .qformer import PASS_ITG, PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
 from .vision import build_vision_tower, check_pixel_values, freeze_
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Stage2Output:
+    loss: Tensor  # mean token cross-entropy (global token count across ranks)
+    logits: Tensor  # only where labels are predicted: (B, T-1, V) decoder-only, (B, T_dec, V) encoder-decoder
+    num_tokens: Tensor  # this rank's non-ignored label tokens (int64 scalar)
 
 
 @dataclass
@@ -82,6 +90,12 @@ class Blip2(nn.Module):
         self.text_proj = nn.Linear(q.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(q.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(config.temp_init))
+        if config.llm is not None:  # stage 2: soft prompt -> frozen LLM
+            from .llm import build_llm, input_width
+
+            self.language_model = freeze_(build_llm(config.llm, _DTYPES[config.llm.dtype]),
+                                          _DTYPES[config.llm.dtype])
+            self.language_projection = nn.Linear(q.hidden_size, input_width(self.language_model))
         # [seed, step] of the counter-based draws (ITM negatives, attention dropout). A device tensor, so
         # CUDA-graph replays see new values; the training loop advances it (`set_seed_step`).
         self.register_buffer("seed_step", torch.tensor([0, 0], dtype=torch.int64), persistent=False)
@@ -90,6 +104,8 @@ class Blip2(nn.Module):
     def train(self, mode: bool = True) -> "Blip2":
         super().train(mode)
         self.visual_encoder.eval()  # frozen means eval mode, always
+        if self.config.llm is not None:
+            self.language_model.eval()
         return self
 
     def set_seed_step(self, seed: int, step: int) -> None:
@@ -303,3 +319,93 @@ class Blip2(nn.Module):
         states = self.qformer.itm_pass(self._queries(3 * B), text_ids, text_mask, kv, image_index,
                                        self._dropout(itm_rows, PASS_ITM))
         return self._itm_head(states)
+
+    # ------------------------------------------------------------------ stage 2
+    def _require_llm(self) -> nn.Module:
+        if self.config.llm is None:
+            raise RuntimeError("this model has no LLM: stage 2 needs Blip2Config(llm=LLMConfig(path=... or "
+                               "hf_config=...))")
+        return self.language_model
+
+    def soft_prompt(self, pixel_values: Tensor) -> Tensor:
+        """(B, Q, D_llm): the projected query states, in the LLM's dtype, prepended to the LLM's input embeddings."""
+        llm = self._require_llm()
+        embeds = self.image_embeds(pixel_values)
+        rank, _ = dist_utils.world()
+        rows = rank * embeds.shape[0] + torch.arange(embeds.shape[0], device=embeds.device)
+        query = self._query_pass(embeds, self.qformer.image_kv(embeds), rows)[0]
+        return self.language_projection(query).to(llm.get_input_embeddings().weight.dtype)
+
+    def _llm_inputs(self, prompt: Tensor, input_ids: Optional[Tensor], attention_mask: Optional[Tensor]):
+        """[soft prompt | text] embeddings and their attention mask."""
+        llm = self.language_model
+        ones = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+        if input_ids is None:
+            return prompt, ones
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text = llm.get_input_embeddings()(input_ids)
+        return torch.cat([prompt, text], dim=1), torch.cat([ones, attention_mask.to(ones.dtype)], dim=1)
+
+    def stage2_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    labels: Tensor) -> Stage2Output:
+        """Language-modelling loss through the frozen LLM, conditioned on the soft prompt.
+
+        Decoder-only: `input_ids` are the text after the prompt (BOS first), `labels` the same positions with -100
+        where no loss is wanted; position t predicts labels[t + 1]. Encoder-decoder: `input_ids` feed the encoder
+        after the queries (the caption prefix, may be all padding), `labels` are the decoder targets. The LM head
+        runs only on the positions that predict labels, never on the query positions."""
+        from .llm import is_encoder_decoder, takes_logits_to_keep
+
+        llm = self._require_llm()
+        check_pixel_values(pixel_values, self.config.vision.image_size)
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.shape[0] != pixel_values.shape[0] or labels.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"batch sizes differ: {pixel_values.shape[0]} images, {input_ids.shape[0]} texts, "
+                             f"{labels.shape[0]} label rows")
+        prompt = self.soft_prompt(pixel_values)
+        embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
+        if is_encoder_decoder(llm):
+            decoder_ids = llm.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
+                         use_cache=False).logits
+            targets = labels
+        else:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"decoder-only labels must align with input_ids: {tuple(labels.shape)} vs "
+                                 f"{tuple(input_ids.shape)}")
+            Q, T = prompt.shape[1], input_ids.shape[1]
+            predicting = torch.arange(Q, Q + T - 1, device=embeds.device)  # text positions 0..T-2
+            if takes_logits_to_keep(llm):
+                logits = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=predicting,
+                             use_cache=False).logits
+            else:  # an architecture without logits_to_keep computes every position's logits; keep ours
+                logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, Q:Q + T - 1]
+            targets = labels[:, 1:]
+        loss_sum, count = token_ce_sum_ref(logits, targets, 0.0)
+        _, world = dist_utils.world()
+        global_count = dist_utils.all_reduce_sum(count) if world > 1 else None
+        return Stage2Output(loss=mean_over_global_count(loss_sum, count, global_count, world), logits=logits,
+                            num_tokens=count)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, input_ids: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None, **generate_kwargs) -> Tensor:
+        """LLM token ids generated after [soft prompt | input_ids] (LLM ids, no image placeholders).
+
+        Decoder-only: returns the new tokens only; without `input_ids` the text starts with the LLM's BOS.
+        Batched prompts of different lengths must be left-padded. Encoder-decoder: `input_ids` (optional) feed the
+        encoder after the queries; returns the decoder's tokens (starting with its start token), as transformers."""
+        from .llm import is_encoder_decoder
+
+        llm = self._require_llm()
+        prompt = self.soft_prompt(pixel_values)
+        if input_ids is None and not is_encoder_decoder(llm):
+            bos = llm.config.bos_token_id
+            if bos is None:
+                raise ValueError("this LLM has no bos_token_id: pass input_ids to start the text")
+            input_ids = torch.full((prompt.shape[0], 1), bos, dtype=torch.long, device=prompt.device)
+        embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
+        return llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)

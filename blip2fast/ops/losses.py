@@ -33,13 +33,16 @@ def itc_loss_ref(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor, label_smooth
                   + F.cross_entropy(upcast(sim_t2i), targets, label_smoothing=label_smoothing))
 
 
-def lm_loss_sum_ref(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Shifted LM loss: logits (B, T, V) predict labels[:, 1:]. Returns (sum over non-ignored tokens, their count).
-    Labels equal to -100 are ignored."""
-    shifted = upcast(logits[:, :-1].reshape(-1, logits.shape[-1]))
-    target = labels[:, 1:].reshape(-1)
-    loss_sum = F.cross_entropy(shifted, target, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
+def token_ce_sum_ref(logits: Tensor, targets: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """logits (..., V) against targets (...) with -100 ignored: (sum over the other tokens, their count)."""
+    flat, target = upcast(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1)
+    loss_sum = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
     return loss_sum, (target != -100).sum()
+
+
+def lm_loss_sum_ref(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """Shifted LM loss: logits (B, T, V) predict labels[:, 1:]. Returns (sum over non-ignored tokens, their count)."""
+    return token_ce_sum_ref(logits[:, :-1], labels[:, 1:], label_smoothing)
 
 
 def mean_over_global_count(loss_sum: Tensor, local_count: Tensor, global_count: Optional[Tensor],

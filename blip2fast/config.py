@@ -87,6 +87,8 @@ class LLMConfig:
     dtype: str = "float16"  # storage + compute dtype of the frozen LLM (the paper: fp16 OPT, bf16 FlanT5)
     max_text_len: int = 32  # tokens of caption (decoder-only) or of prefix/suffix (encoder-decoder)
     exact_gelu: bool = True  # T5/FlanT5: exact GELU in the FFN instead of the tanh approximation (the paper)
+    image_token_index: Optional[int] = None  # transformers' image placeholder in the LLM vocabulary, when the LLM
+    # came from (or was saved as) a transformers BLIP-2 folder; never generated
 
 
 @dataclass(frozen=True)

@@ -151,9 +151,10 @@ def convert_lavis_state_dict(sd: dict) -> tuple[dict, list[str]]:
     return ours, unused
 
 
-def load_lavis(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False):
+def load_lavis(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False,
+               vision_dtype: str = "float16"):
     sd = read_lavis_state_dict(path)
-    config = config or infer_config(sd)
+    config = config or infer_config(sd, vision_dtype=vision_dtype)
     model = cls(config)
     ours, unused = convert_lavis_state_dict(sd)
     expected = model.state_dict()

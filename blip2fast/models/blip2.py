@@ -118,13 +118,30 @@ class Blip2(nn.Module):
         return self.temp if clamp is None else self.temp.clamp(clamp[0], clamp[1])
 
     @classmethod
-    def from_pretrained(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False) -> "Blip2":
-        """Load a LAVIS stage-1 `.pth` (`{"model": state_dict}`). Sizes come from `config`, or from the tensor
-        shapes for the paper's presets. Keys not used, and parameters left at their fresh initialisation, are
-        reported by name (a warning, or an error with strict=True)."""
+    def from_pretrained(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False,
+                        vision_dtype: str = "float16", llm_dtype: str = "float16") -> "Blip2":
+        """Load a local checkpoint: a LAVIS `.pth` file (`{"model": state_dict}`), or a transformers folder saved
+        from `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval` (safetensors, sharded too). Sizes come
+        from `config`, else from the folder's config.json or, for LAVIS, the tensor shapes (paper presets). Keys
+        not used, and parameters left at their fresh initialisation, are reported by name (a warning, or an error
+        with strict=True). `vision_dtype` / `llm_dtype` apply when the config is derived here."""
+        import os
+
+        if os.path.isdir(path):
+            from ..checkpoint.hf import load_hf
+
+            return load_hf(cls, path, config=config, strict=strict, vision_dtype=vision_dtype,
+                           llm_dtype=llm_dtype)
         from ..checkpoint.lavis import load_lavis
 
-        return load_lavis(cls, path, config=config, strict=strict)
+        return load_lavis(cls, path, config=config, strict=strict, vision_dtype=vision_dtype)
+
+    def save_pretrained(self, path: str, kind: Optional[str] = None) -> None:
+        """Write a transformers folder: "generation" (`Blip2ForConditionalGeneration`, the default with an LLM) or
+        "retrieval" (`Blip2ForImageTextRetrieval`). transformers loads it with no missing or unexpected keys."""
+        from ..checkpoint.hf import save_hf
+
+        save_hf(self, path, kind=kind)
 
     # ------------------------------------------------------------------ shared pieces
     def _dropout(self, row_ids: Tensor, pass_id: int) -> Optional[DropoutContext]:
@@ -408,4 +425,7 @@ class Blip2(nn.Module):
                 raise ValueError("this LLM has no bos_token_id: pass input_ids to start the text")
             input_ids = torch.full((prompt.shape[0], 1), bos, dtype=torch.long, device=prompt.device)
         embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
+        image_token = self.config.llm.image_token_index
+        if image_token is not None and "suppress_tokens" not in generate_kwargs:
+            generate_kwargs["suppress_tokens"] = [image_token]  # the placeholder is never text
         return llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)

@@ -229,3 +229,25 @@ def test_prefix_lm_split():
     assert len({p for p in a[0]}) > 1, "cuts must vary across the batch"
     with pytest.raises(TypeError, match="caption must be a str"):
         prefix_lm_split(None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_half_precision_llm_on_the_gpu_close_to_fp32(kind):
+    ref_model = make_model(kind).cuda()
+    cfg = ref_model.config.replace(llm=dataclasses.replace(ref_model.config.llm, dtype="bfloat16"))
+    low = Blip2(cfg).cuda().eval()
+    low.load_state_dict(ref_model.state_dict())
+    px = images(3).cuda()
+    if kind == "t5":
+        ids, mask, _ = text_batch(3, 6, bos=5)
+        _, _, labels = text_batch(3, 5, seed=7, bos=5)
+        labels[:, 0] = 7
+    else:
+        ids, mask, labels = text_batch(3, 7, bos=ref_model.language_model.config.bos_token_id)
+    ids, mask, labels = ids.cuda(), mask.cuda(), labels.cuda()
+    with torch.no_grad():
+        a = ref_model.stage2_loss(px, ids, mask, labels).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            b = low.stage2_loss(px, ids, mask, labels).loss
+    assert rel_err(b.float(), a) < 3e-2

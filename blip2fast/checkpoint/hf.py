@@ -48,6 +48,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from .keymap import rename_part, rename_state_dict
 from .lavis import _LAYER_PARTS as _LAVIS_LAYER_PARTS
 
 RETRIEVAL_ARCH = "Blip2ForImageTextRetrieval"
@@ -134,15 +135,12 @@ def hf_key_to_ours(key: str) -> Optional[str]:
         return key
     m = _HF_VIS_RE.match(key)
     if m:
-        for hf, ours in _VIS_LAYER_PARTS.items():
-            if m.group(2).startswith(hf):
-                return f"visual_encoder.blocks.{m.group(1)}.{ours}{m.group(2)[len(hf):]}"
-        return None
+        part = rename_part(_VIS_LAYER_PARTS, m.group(2))
+        return None if part is None else f"visual_encoder.blocks.{m.group(1)}.{part}"
     m = _HF_QF_RE.match(key)
     if m:
-        for hf, ours in sorted(_QF_LAYER_PARTS.items(), key=lambda kv: -len(kv[0])):
-            if m.group(2).startswith(hf):
-                return f"qformer.layers.{m.group(1)}.{ours}{m.group(2)[len(hf):]}"
+        part = rename_part(_QF_LAYER_PARTS, m.group(2))
+        return None if part is None else f"qformer.layers.{m.group(1)}.{part}"
     return None
 
 
@@ -162,38 +160,32 @@ def our_key_to_hf(key: str, kind: str) -> Optional[str]:
     if m:
         if m.group(2) in ("attn.q_bias", "attn.v_bias"):
             return f"vision_model.encoder.layers.{m.group(1)}.self_attn.qkv.bias"
-        for hf, ours in _VIS_LAYER_PARTS.items():
-            if m.group(2).startswith(ours):
-                return f"vision_model.encoder.layers.{m.group(1)}.{hf}{m.group(2)[len(ours):]}"
-        return None
+        part = rename_part(_VIS_LAYER_PARTS, m.group(2), reverse=True)
+        return None if part is None else f"vision_model.encoder.layers.{m.group(1)}.{part}"
     m = _OUR_QF_RE.match(key)
     if m:
         if m.group(2).startswith("ffn.") and kind != "retrieval":
             return None  # the text FFN exists only with use_qformer_text_input=True
-        for hf, ours in sorted(_QF_LAYER_PARTS.items(), key=lambda kv: -len(kv[1])):
-            if m.group(2).startswith(ours):
-                return f"qformer.encoder.layer.{m.group(1)}.{hf}{m.group(2)[len(ours):]}"
+        part = rename_part(_QF_LAYER_PARTS, m.group(2), reverse=True)
+        if part is not None:
+            return f"qformer.encoder.layer.{m.group(1)}.{part}"
     return None
 
 
 def hf_state_dict_to_ours(sd: dict) -> tuple[dict, list[str]]:
     """(our state dict, transformers keys with no counterpart). The fused vision qkv bias becomes q_bias / v_bias
     (its k third is dropped: softmax cancels a key bias exactly)."""
-    ours, unused = {}, []
+    fused, rest = {}, {}
     for k, v in sd.items():
         m = _HF_VIS_RE.match(k)
         if m and m.group(2) == "self_attn.qkv.bias":
             q_bias, _, v_bias = v.chunk(3)
-            ours[f"visual_encoder.blocks.{m.group(1)}.attn.q_bias"] = q_bias
-            ours[f"visual_encoder.blocks.{m.group(1)}.attn.v_bias"] = v_bias
-            continue
-        new = hf_key_to_ours(k)
-        if new is None:
-            if k not in _REDUNDANT:
-                unused.append(k)
+            fused[f"visual_encoder.blocks.{m.group(1)}.attn.q_bias"] = q_bias
+            fused[f"visual_encoder.blocks.{m.group(1)}.attn.v_bias"] = v_bias
         else:
-            ours[new] = v
-    return ours, unused
+            rest[k] = v
+    ours, unused = rename_state_dict(rest, hf_key_to_ours, _REDUNDANT)
+    return {**ours, **fused}, unused
 
 
 def our_state_dict_to_hf(sd: dict, kind: str) -> dict:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..config import Blip2Config, QFormerConfig, VisionConfig
+from .keymap import rename_part, rename_state_dict
 
 _LAYER_PARTS = {  # LAVIS suffix after `Qformer.bert.encoder.layer.N.` -> ours after `qformer.layers.N.`
     "attention.self.": "self_attn.",
@@ -58,10 +59,8 @@ def lavis_key_to_ours(key: str) -> Optional[str]:
         return _FIXED[key]
     m = _LAYER_RE.match(key)
     if m:
-        for lavis, ours in sorted(_LAYER_PARTS.items(), key=lambda kv: -len(kv[0])):
-            if m.group(2).startswith(lavis):
-                return f"qformer.layers.{m.group(1)}.{ours}{m.group(2)[len(lavis):]}"
-        return None
+        part = rename_part(_LAYER_PARTS, m.group(2))
+        return None if part is None else f"qformer.layers.{m.group(1)}.{part}"
     if key.startswith(_SAME_PREFIXES):
         return key
     return None
@@ -73,10 +72,8 @@ def our_key_to_lavis(key: str) -> Optional[str]:
         return inverse[key]
     m = _OUR_LAYER_RE.match(key)
     if m:
-        for lavis, ours in sorted(_LAYER_PARTS.items(), key=lambda kv: -len(kv[1])):
-            if m.group(2).startswith(ours):
-                return f"Qformer.bert.encoder.layer.{m.group(1)}.{lavis}{m.group(2)[len(ours):]}"
-        return None
+        part = rename_part(_LAYER_PARTS, m.group(2), reverse=True)
+        return None if part is None else f"Qformer.bert.encoder.layer.{m.group(1)}.{part}"
     return key if key.startswith(_SAME_PREFIXES) else None
 
 
@@ -140,15 +137,7 @@ def infer_config(sd: dict, vision_dtype: str = "float16") -> Blip2Config:
 
 def convert_lavis_state_dict(sd: dict) -> tuple[dict, list[str]]:
     """(our state dict, LAVIS keys with no counterpart)."""
-    ours, unused = {}, []
-    for k, v in sd.items():
-        new = lavis_key_to_ours(k)
-        if new is None:
-            if k not in _REDUNDANT:
-                unused.append(k)
-        else:
-            ours[new] = v
-    return ours, unused
+    return rename_state_dict(sd, lavis_key_to_ours, _REDUNDANT)
 
 
 def load_lavis(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False,

@@ -148,6 +148,8 @@ setup(
         "transformers>=5.0,<6",
         "safetensors",
         "webdataset",
+        "braceexpand",
+        "pillow",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     zip_safe=False,

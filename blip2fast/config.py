@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 VISION_KINDS = ("eva", "clip", "hf")
+# OpenAI CLIP pixel normalisation, used by BLIP-2 for every tower (the spec's preprocessing)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = ("float32", "float16", "bfloat16")
 
 

@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from ..config import CLIP_MEAN, CLIP_STD, Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from .keymap import rename_part, rename_state_dict
 from .lavis import _LAYER_PARTS as _LAVIS_LAYER_PARTS
 
@@ -56,8 +56,6 @@ GENERATION_ARCH = "Blip2ForConditionalGeneration"
 KINDS = {"retrieval": RETRIEVAL_ARCH, "generation": GENERATION_ARCH}
 _LLM_ARCHS = (GENERATION_ARCH, "Blip2Model")  # transformers classes whose checkpoints carry `language_model.*`
 IMAGE_TOKEN = "<image>"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (the spec's preprocessing)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024 ** 3  # bytes per safetensors file
 
 SAFE_WEIGHTS = "model.safetensors"

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..config import CLIP_MEAN, CLIP_STD
+
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 COLOUR_RGB = (

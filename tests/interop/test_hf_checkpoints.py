@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from blip2fast import Blip2
+from blip2fast.config import CLIP_MEAN
 from blip2fast.checkpoint.hf import (
-    CLIP_MEAN,
     blip2_config_from_hf,
     is_hf_folder,
     load_hf,

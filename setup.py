@@ -122,6 +122,7 @@ PACKAGES = [
     "blip2fast",
     "blip2fast.checkpoint",
     "blip2fast.data",
+    "blip2fast.eval",
     "blip2fast.kernels",
     "blip2fast.models",
     "blip2fast.ops",
@@ -151,6 +152,7 @@ setup(
         "braceexpand",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # eval: COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; needs Java) for `python -m blip2fast.eval caption`
+    extras_require={"test": ["pytest", "pytest-benchmark"], "eval": ["pycocoevalcap"]},
     zip_safe=False,
 )

@@ -126,6 +126,7 @@ PACKAGES = [
     "blip2fast.kernels",
     "blip2fast.models",
     "blip2fast.ops",
+    "blip2fast.training",
 ]
 _unlisted = sorted(set(find_packages(where=ROOT, include=["blip2fast", "blip2fast.*"])) - set(PACKAGES))
 if _unlisted:  # a new sub-package would be missing from wheels (editable installs hide that)

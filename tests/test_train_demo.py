@@ -1,7 +1,8 @@
-"""The stage-1 demo (`python -m blip2fast.train`) and its procedural data."""
+"""The stage-1 demo (`python -m blip2fast.train`, the "demo" preset) and its procedural data."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -10,13 +11,24 @@ from blip2fast.data.synthetic import (
     COLOURS, NO_OBJECT, POSITIONS, SCENES, SHAPES, SyntheticShapes, WordTokenizer, caption_vocabulary, render,
 )
 from blip2fast.train import lr_at, main
+from blip2fast.training.config import parse_cli
 
 
-def test_main_tiny_run_learns_and_reports_retrieval(capsys):
-    m = main(["--steps", "24", "--batch_size", "16", "--lr", "2e-3", "--eval_size", "32", "--log_every", "6",
-              "--device", "cpu"])
+def test_main_demo_run_learns_and_reports_retrieval(capsys, tmp_path, monkeypatch):
+    """The default command's path end to end, shortened: demo shards written to the cache folder, read back by the
+    loader's workers, training, checkpoints, the transformers export and the final retrieval line."""
+    monkeypatch.setenv("BLIP2FAST_DEMO_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test process may share its cores (see tests/training/conftest.py)
+    try:
+        m = main(["--steps", "24", "--batch_size", "16", "--lr", "2e-3", "--eval.size", "32", "--logging.every", "6",
+                  "--device", "cpu", "--data.demo_samples=1024", f"--checkpoint.dir={tmp_path / 'run'}",
+                  "--checkpoint.every=12"])
+    finally:
+        torch.set_num_threads(n)
     out = capsys.readouterr().out
-    assert "held-out retrieval (N=32)" in out and "chance = 0.031" in out
+    assert "writing the demo data once" in out and "held-out retrieval (N=32)" in out and "chance = 0.031" in out
+    assert out.rstrip().splitlines()[-2].startswith("held-out retrieval (N=32): i2t R@1 = ")
     assert len(m["history"]) == 4
     for rec in m["history"]:
         for k in ("loss", "itc", "itm", "itg"):
@@ -26,6 +38,17 @@ def test_main_tiny_run_learns_and_reports_retrieval(capsys):
     for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
         assert 0.0 <= m[k] <= 1.0
     assert m["n"] == 32 and m["chance"] == 1 / 32
+    assert m["step"] == 24 and m["skipped"] == dict.fromkeys(m["skipped"], 0)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000012", "step_00000024"]
+    assert os.path.isfile(tmp_path / "run" / "hf" / "config.json") and m["export"] == str(tmp_path / "run" / "hf")
+    assert os.path.isfile(tmp_path / "run" / "metrics.jsonl") and os.path.isfile(tmp_path / "run" / "config.json")
+
+
+def test_default_command_is_the_demo_preset():
+    cfg = parse_cli([])
+    assert cfg.preset == "demo" and cfg.data.urls == "" and cfg.data.tokenizer == "demo"
+    assert (cfg.schedule.steps, cfg.data.batch_size, cfg.optim.lr, cfg.data.num_workers) == (1000, 64, 2e-3, 2)
+    assert cfg.device == "auto" and cfg.model.qformer.vocab_size == 1088 and cfg.eval.size == 256
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -124,7 +147,9 @@ def test_retrieval_counts_ties_and_nan_as_misses():
             return self.scores
 
     data = SyntheticShapes()
-    batch = data.eval_set(4)
+    eval_set = data.eval_set(4)
+    batch = {"pixel_values": eval_set.pixel_values, "input_ids": eval_set.input_ids,
+             "attention_mask": eval_set.attention_mask}
     assert evaluate_retrieval(Fixed(torch.eye(4)), batch, torch.device("cpu"))["i2t_r1"] == 1.0
     collapsed = evaluate_retrieval(Fixed(torch.ones(4, 4)), batch, torch.device("cpu"))
     assert collapsed["i2t_r1"] == 0.0 and collapsed["t2i_r1"] == 0.0 and collapsed["i2t_r5"] == 1.0

@@ -1,0 +1,530 @@
+"""The training loop: `Trainer(cfg).fit()`, stage 1 (ITC + ITM + ITG) and stage 2 (soft prompt -> frozen LLM).
+
+One optimiser step (`train_step`):
+    lr from the schedule (a Python float; no sync)
+    for each of accum_steps micro-batches:
+        model.set_seed_step(seed, global micro-step)      ITM draws and attention dropout are a function of it
+        forward under bf16 autocast on CUDA (fp32 master weights; frozen towers stored in bf16/fp16)
+        backward of loss / accum_steps (DDP syncs gradients on the last micro-batch only)
+    clip the global grad norm, AdamW step
+    -> a device tensor [loss terms..., grad norm]; the loop adds it to a device-side window and reads it (the only
+       host<->device sync) every logging.every steps
+No `.item()` inside the step.
+
+Around it (`fit`): checkpoints every checkpoint.every steps and at the end (checkpoint.py: atomic, last K kept,
+everything needed for an exact resume); SIGTERM / SIGINT save a checkpoint at the next step boundary and stop
+(a second Ctrl-C kills at once); SIGUSR1 saves a checkpoint and writes the transformers export at the next step
+boundary and continues; held-out retrieval before / every eval.every / after (stage 1); a transformers export at
+the end.
+
+Exact resume: the checkpoint holds the trainable weights, AdamW state, step, the RNG states of every rank and
+each rank's data position (ShardLoader.state_dict()), so a resumed run sees the same batches, the same random
+draws and (with `deterministic=True` on a CPU) bit-identical losses step for step.
+
+Distributed: run under torchrun; the step module is wrapped in DistributedDataParallel, each rank reads its own
+shards, rank 0 prints and writes the shared files, every rank writes its own data position and RNG state into
+the checkpoint folder (a shared filesystem is assumed).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import json
+import os
+import random
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..data.captions import stable_hash
+from ..data.shards import to_device
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import demo_cache_root, ensure_demo_shards, heldout_batch, text_encoder, train_loader
+from .evaluate import evaluate_retrieval, format_retrieval
+from .logging import MetricLogger, peak_flops, step_flops_per_sample
+from .model import build_model
+from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+LOSS_NAMES = {1: ("loss", "itc", "itm", "itg"), 2: ("loss",)}
+RUNS_ROOT = "runs"
+
+
+class StepModule(nn.Module):
+    """One micro-batch -> the stacked loss terms (what DDP wraps, so it sees one forward per micro-batch)."""
+
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        if self.stage == 1:
+            out = self.model.stage1_loss(pixel_values, input_ids, attention_mask)
+            return torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_itg]).float()
+        return self.model.stage2_loss(pixel_values, input_ids, attention_mask, labels).loss.float().reshape(1)
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group under torchrun (WORLD_SIZE > 1)."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_env > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return 0, 1, local_rank
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _broadcast(obj, world_size: int):
+    if world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank Python / NumPy / torch RNGs (torch's drives nn.Dropout): a function of (seed, rank)."""
+    s = stable_hash("rng", seed, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def resolve_run(cfg: TrainConfig, rank: int, log: Callable[[str], None]) -> tuple[str, Optional[str]]:
+    """(run folder, checkpoint to resume from or None). Rank 0 decides; see CheckpointConfig.resume."""
+    c = cfg.checkpoint
+    resume = c.resume.strip()
+    if resume and resume != "latest":
+        path = os.path.abspath(ckpt.find_checkpoint(resume))
+        own_run = os.path.dirname(os.path.dirname(path))
+        run_dir = c.dir or own_run
+        newest = ckpt.latest_checkpoint(run_dir)
+        if newest is not None and os.path.abspath(newest) != path:
+            raise ConfigError(f"--resume={resume!r} is not the newest checkpoint of the run folder {run_dir!r} "
+                              f"(newest: {newest}); continuing there would mix two histories (and `latest` would "
+                              "pick the other one): branch into a new folder with --checkpoint.dir=<new folder>")
+        return run_dir, path
+    if resume == "latest":
+        if c.dir:
+            found = ckpt.latest_checkpoint(c.dir)
+            where = c.dir
+        else:  # the newest run of this preset under runs/
+            runs = []
+            if os.path.isdir(RUNS_ROOT):
+                for name in os.listdir(RUNS_ROOT):
+                    if name.startswith(cfg.preset + "-"):
+                        latest = ckpt.latest_checkpoint(os.path.join(RUNS_ROOT, name))
+                        if latest is not None:
+                            runs.append((os.path.getmtime(latest), os.path.join(RUNS_ROOT, name), latest))
+            found = max(runs)[2] if runs else None
+            where = os.path.join(RUNS_ROOT, cfg.preset + "-*")
+        if found is not None:
+            return os.path.dirname(os.path.dirname(found)), found
+        if rank == 0:
+            log(f"--resume=latest: no checkpoint found in {where}; starting a fresh run")
+    if c.dir:
+        existing = ckpt.latest_checkpoint(c.dir)
+        if existing is not None:
+            raise ConfigError(f"checkpoint.dir={c.dir!r} already holds checkpoints (latest: {existing}); pass "
+                               "--resume=latest to continue that run, or choose another --checkpoint.dir (nothing "
+                               "is overwritten)")
+        return c.dir, None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.join(RUNS_ROOT, f"{cfg.preset}-{stamp}")
+    n = 1
+    while os.path.exists(run_dir):
+        n += 1
+        run_dir = os.path.join(RUNS_ROOT, f"{cfg.preset}-{stamp}-{n}")
+    return run_dir, None
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    """Build everything a run needs from a TrainConfig; `fit()` trains and returns a summary dict."""
+
+    def __init__(self, cfg: TrainConfig, print_fn: Callable[[str], None] = print):
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        self.rank, self.world_size, local_rank = init_distributed()
+        self._print = print_fn
+        if cfg.deterministic:  # before any CUDA work: cuBLAS reads this when it starts
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.device = pick_device(cfg.device, local_rank)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        self.stage = cfg.stage
+        self.loss_names = LOSS_NAMES[cfg.stage]
+
+        run = resolve_run(cfg, self.rank, self.log) if self.rank == 0 else None
+        self.run_dir, resume_path = _broadcast(run, self.world_size)
+
+        # model + optimiser
+        self.model, self.extra_prefixes, notes = build_model(cfg, self.device, self.log)
+        self.model_config = self.model.config
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps, o.fused)
+        self.step_module: nn.Module = StepModule(self.model, cfg.stage)
+        self.ddp = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # every rank builds the same model from the same seed and files: no start-up broadcast (init_sync);
+            # seed_step is set identically on every rank: no buffer syncing either
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                              inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
+            self.ddp = DDP(self.step_module, device_ids=ids, init_sync=False, **no_buffer_sync)
+            self.step_module = self.ddp
+
+        # data
+        image_size = self.model_config.vision.image_size
+        train_urls, eval_urls = cfg.data.urls, cfg.eval.urls
+        self.demo = None
+        if not train_urls:
+            if self.rank == 0:
+                self.demo = ensure_demo_shards(demo_cache_root(cfg), image_size, cfg.data.demo_samples, self.log)
+            _barrier(self.world_size)
+            self.demo = _broadcast(self.demo, self.world_size)
+            train_urls = self.demo["train"]
+            eval_urls = eval_urls or self.demo["eval"]
+        enc_dec = cfg.stage == 2 and bool(getattr(self.model.language_model.config, "is_encoder_decoder", False))
+        self.text = text_encoder(cfg, self.model_config, enc_dec)
+        self.loader = train_loader(cfg, train_urls, self.text, image_size, self.rank, self.world_size,
+                                   pin_memory=self.device.type == "cuda")
+        self.heldout = None
+        if eval_urls and cfg.stage == 1 and self.rank == 0:
+            self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size)
+
+        # logging
+        flops = step_flops_per_sample(self.model, self.model_config, cfg.stage, self._text_len())
+        peak = peak_flops(self.device, cfg.logging.peak_tflops)
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self.logger = MetricLogger(self.run_dir, self.rank, cfg.schedule.steps, self.loss_names, flops,
+                                   None if peak is None else peak * self.world_size, cfg.logging.jsonl,
+                                   cfg.logging.tensorboard, print_fn)
+
+        # state
+        self.step = 0
+        seed_everything(cfg.seed, self.rank)
+        self.resumed_from = None
+        if resume_path is not None:
+            self._load(resume_path)
+        if self.rank == 0:
+            ckpt.clean_partial(self.run_dir)
+            ckpt.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
+        self._describe(notes)
+        self._stop: Optional[str] = None
+        self._export_requested = False
+
+    # ---------------------------------------------------------------- small helpers
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            self._print(msg)
+
+    def _text_len(self) -> int:
+        m = self.model_config
+        return m.llm.max_text_len if self.stage == 2 else m.max_text_len
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _describe(self, notes: list) -> None:
+        cfg, m = self.cfg, self.model_config
+        n_train = sum(p.numel() for p in self.params)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        d = cfg.data
+        global_batch = d.batch_size * cfg.schedule.accum_steps * self.world_size
+        what = "demo shards " + self.demo["folder"] if self.demo else d.urls
+        self.log(f"blip2fast stage-{self.stage} training ({cfg.preset}) on {self.device} x {self.world_size}: "
+                 f"{n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M params, vision {m.vision.kind} "
+                 f"{m.vision.width}w x {m.vision.depth}; {cfg.schedule.steps} steps x batch {global_batch} "
+                 f"({d.batch_size} x {cfg.schedule.accum_steps} accum x {self.world_size} ranks), peak lr "
+                 f"{cfg.optim.lr:g}")
+        self.log(f"  data: {what} ({d.num_workers} workers); run folder: {self.run_dir}")
+        for note in notes:
+            self.log("  " + note)
+        if self.logger.tb_note:
+            self.log("  " + self.logger.tb_note)
+        if self.resumed_from:
+            self.log(f"  resumed from {self.resumed_from} at step {self.step}")
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict:
+        c = self.cfg
+        return {"step": self.step, "schedule": {"peak_lr": c.optim.lr, "warmup_steps": c.schedule.warmup_steps,
+                                                "total_steps": c.schedule.steps, "min_lr": c.schedule.min_lr,
+                                                "lr": self.lr(max(0, self.step - 1))},
+                "samples_seen": self.loader.samples_seen, "skipped": self.loader.skipped,
+                "world_size": self.world_size, "config": c.to_dict(), "time": time.time()}
+
+    def save(self) -> str:
+        path = ckpt.save_checkpoint(self.run_dir, self.step, rank=self.rank, world_size=self.world_size,
+                                    model=self.model, extra_prefixes=self.extra_prefixes, optimizer=self.optimizer,
+                                    trainer_state=self.trainer_state(), data_state=self.loader.state_dict(),
+                                    keep=self.cfg.checkpoint.keep, barrier=lambda: _barrier(self.world_size))
+        self.logger.event("checkpoint", step=self.step, path=path, skipped=self.loader.skipped)
+        self.log(f"  checkpoint: {path}")
+        return path
+
+    def _load(self, path: str) -> None:
+        state = ckpt.load_checkpoint(path, self.rank, self.world_size)
+        ckpt.load_model_tensors(self.model, state["model"], path)
+        ckpt.load_optimizer_files(self.optimizer, *state["optimizer"])
+        self.loader.load_state_dict(state["data"])
+        ckpt.set_rng(*state["rng"])
+        self.step = int(state["step"])
+        self.resumed_from = path
+        saved = state["trainer"].get("config", {})
+        now = json.loads(json.dumps(self.cfg.to_dict()))  # tuples as lists, as in the saved JSON
+        changed = sorted(k for k in now if k not in ("checkpoint", "logging", "preset") and saved.get(k) != now[k])
+        if changed:
+            self.log(f"  note: the config differs from the checkpoint's in {', '.join(changed)} (resuming anyway)")
+
+    def export(self) -> Optional[str]:
+        """The transformers folder <run dir>/hf (rank 0)."""
+        if self.rank != 0:
+            return None
+        if self.model_config.vision.kind != "eva":
+            self.log(f"  transformers export skipped: its BLIP-2 layout holds an EVA tower only (vision.kind="
+                     f"{self.model_config.vision.kind!r})")
+            return None
+        out = os.path.join(self.run_dir, "hf")
+        path, warns = ckpt.export_hf(self.model, out, kind="retrieval" if self.stage == 1 else "generation")
+        self.logger.event("export", step=self.step, path=path, notes=warns)
+        self.log(f"  transformers export: {path}" + (f" ({len(warns)} notes in metrics.jsonl)" if warns else ""))
+        return path
+
+    # ---------------------------------------------------------------- signals
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def stop(signum, frame):
+            self._stop = signal.Signals(signum).name
+            if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        def export(signum, frame):
+            self._export_requested = True
+
+        for sig, fn in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (getattr(signal, "SIGUSR1", None), export)):
+            if sig is not None:
+                old[sig] = signal.signal(sig, fn)
+        return old
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether any rank has the flag (one all-reduce; call at the same steps on every rank)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    # ---------------------------------------------------------------- the step
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, c.optim.lr, c.schedule.warmup_steps, c.schedule.steps, c.schedule.min_lr)
+
+    def train_step(self, micro_batches: list) -> Tensor:
+        """One optimiser step on `micro_batches` (schedule.accum_steps dicts from the loader); returns the device
+        tensor [loss terms (mean over micro-batches)..., grad norm] without reading it."""
+        accum = len(micro_batches)
+        set_lr(self.optimizer, self.lr(self.step))
+        terms = None
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
+            self.model.set_seed_step(self.cfg.seed, self.step * accum + i)
+            sync = self.ddp.no_sync() if (self.ddp is not None and i < accum - 1) else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    out = self.step_module(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                           batch.get("labels"))
+                (out[0] / accum).backward()
+            out = out.detach()
+            terms = out if terms is None else terms + out
+        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.cat([terms / accum, grad_norm.detach().float().reshape(1).to(terms.device)])
+
+    def _batches(self):
+        """Batches forever; in epoch mode (data.resampled=False) the loader is re-entered for the next epoch and
+        the exact skip counts of the finished epochs are logged."""
+        while True:
+            got = False
+            it = iter(self.loader)
+            first = self._first_batch(it)
+            for batch in itertools.chain(() if first is None else (first,), it):
+                got = True
+                yield batch
+            self.logger.event("epoch_end", epochs_done=self.loader.epoch, step=self.step,
+                              samples=self.loader.samples_seen, skipped=self.loader.skipped,
+                              shard_errors=self.loader.shard_errors)
+            self.log(f"  data: epoch {self.loader.epoch} done at step {self.step}: {self.loader.samples_seen} "
+                     f"samples, skipped {_nonzero(self.loader.skipped)}, shard errors "
+                     f"{_nonzero(self.loader.shard_errors)}")
+            if not got:
+                raise RuntimeError(f"the data loader yielded no batch in a whole epoch (skipped "
+                                   f"{self.loader.skipped}, shard errors {self.loader.shard_errors}): are the shards "
+                                   "all bad?")
+
+    def _first_batch(self, it):
+        """The first batch of a loader iteration, fetched with SIGTERM / SIGINT blocked while the loader forks its
+        worker processes. Workers inherit the signal mask, so a signal sent to the whole process group (torchrun
+        and SLURM signal process groups, Ctrl-C reaches the terminal's) is seen by this process only: it saves a
+        checkpoint at the next step boundary and stops, instead of losing its workers mid-step. The workers are
+        stopped by the loader as usual (a sentinel on their queues)."""
+        block = {signal.SIGTERM, signal.SIGINT}
+        if (self.cfg.data.num_workers == 0 or not hasattr(signal, "pthread_sigmask")
+                or threading.current_thread() is not threading.main_thread()):
+            return next(it, None)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, block)
+        try:
+            return next(it, None)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def evaluate(self, when: str) -> Optional[dict]:
+        if self.heldout is None or self.rank != 0:
+            return None
+        m = evaluate_retrieval(self.model, self.heldout, self.device, autocast=self.autocast())
+        self.logger.event("eval", step=self.step, when=when, **m)
+        return m
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        total, accum, every = cfg.schedule.steps, cfg.schedule.accum_steps, cfg.logging.every
+        if cfg.checkpoint.export_only:
+            path = self.export()
+            return {"step": self.step, "export": path, "run_dir": self.run_dir}
+        self.logger.event("resume" if self.resumed_from else "start", step=self.step, path=self.resumed_from,
+                          world_size=self.world_size, preset=cfg.preset)
+        before = self.evaluate("before") if self.step == 0 else None
+        if before is not None:
+            self.log(f"  before training: {format_retrieval(before)}")
+        old_handlers = self._install_signals()
+        history: list[dict] = []
+        batches = self._batches()
+        window = None
+        n_window, t_window = 0, time.perf_counter()
+        start_step = self.step
+        last_saved = self.step if self.resumed_from else -1
+        try:
+            while self.step < total:
+                micro = [next(batches) for _ in range(accum)]
+                terms = self.train_step(micro)
+                self.step += 1
+                window = terms if window is None else window + terms
+                n_window += 1
+                # stop / export requests: acted on at once in one process; with several ranks, at the next log
+                # step, where the ranks agree (a lone rank saving would hang the others)
+                single = self.world_size == 1
+                stop = single and self._stop is not None
+                export_now = single and self._export_requested
+                if n_window == every or self.step == total or stop:
+                    values = (window / n_window).tolist()  # the sync: once per window
+                    elapsed = time.perf_counter() - t_window
+                    samples = n_window * accum * cfg.data.batch_size * self.world_size
+                    means = dict(zip(self.loss_names, values[:-1]))
+                    rec = self.logger.window(self.step, means, self.lr(self.step - 1), values[-1], n_window, samples,
+                                             elapsed)
+                    history.append(rec)
+                    bad = [k for k, v in means.items() if not np.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(
+                            f"non-finite {', '.join(bad)} in steps {self.step - n_window + 1}..{self.step} "
+                            f"({means}); the last checkpoint is intact: resume from it with a lower --lr or "
+                            "check the data")
+                    window, n_window, t_window = None, 0, time.perf_counter()
+                    stop = self._agree(self._stop is not None)
+                    export_now = self._agree(self._export_requested)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
+                    m = self.evaluate("during")
+                    if m is not None:
+                        self.log(f"  step {self.step}: {format_retrieval(m)}")
+                periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+                if periodic or self.step == total or stop or export_now:
+                    self.save()
+                    last_saved = self.step
+                if export_now:
+                    self.export()
+                    self._export_requested = False
+                if stop:
+                    self.log(f"stopping on {self._stop} at step {self.step}: checkpoint saved; continue with "
+                             f"--checkpoint.dir={self.run_dir} --resume=latest")
+                    break
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        if self.step == total and last_saved != self.step:
+            self.save()
+        result = {"history": history, "step": self.step, "run_dir": self.run_dir, "stopped": self._stop,
+                  "skipped": self.loader.skipped, "shard_errors": self.loader.shard_errors,
+                  "samples_seen": self.loader.samples_seen, "start_step": start_step}
+        if history:
+            result["first"], result["last"] = history[0], history[-1]
+        self.log(f"  data: {self.loader.samples_seen} samples read by rank 0, skipped {_nonzero(self.loader.skipped)}"
+                 f", shard errors {_nonzero(self.loader.shard_errors)}")
+        if self._stop is None:
+            after = self.evaluate("after")
+            if cfg.checkpoint.export_hf:
+                result["export"] = self.export()
+            if after is not None:
+                result.update(after)
+                result["before"] = before
+                self.log(format_retrieval(after))
+                extra = f"  R@5: i2t {after['i2t_r5']:.2f}, t2i {after['t2i_r5']:.2f}; "
+                if before is not None:
+                    extra += f"before training R@1: i2t {before['i2t_r1']:.3f}, t2i {before['t2i_r1']:.3f}; "
+                result["wall_s"] = time.perf_counter() - self.t_start
+                self.log(extra + f"wall {result['wall_s']:.0f} s")
+        result["wall_s"] = time.perf_counter() - self.t_start
+        self.logger.event("end", **{k: v for k, v in result.items() if k not in ("history", "first", "last")})
+        self.logger.close()
+        return result
+
+
+def _nonzero(counts: dict) -> dict:
+    return {k: v for k, v in counts.items() if v} or "none"
+
+
+def run(cfg: TrainConfig, print_fn: Callable[[str], None] = print) -> dict:
+    """Build a Trainer from `cfg` and fit it."""
+    return Trainer(cfg, print_fn=print_fn).fit()
+
+
+__all__ = ["LOSS_NAMES", "StepModule", "Trainer", "run", "seed_everything"]

@@ -64,6 +64,8 @@ class EvalConfig:
     urls: str = ""  # held-out shards; "" = the demo's held-out set when training on the demo data, else no evaluation
     size: int = 256  # held-out pairs (the first `size` samples; captions should be distinct)
     every: int = 0  # also evaluate every N steps (0: before and after training only)
+    rerank_k: int = 0  # > 0: also the paper's protocol (blip2fast.eval: ITC top-k rescored by ITM + cosine), as
+    # rerank_* metrics; 0: ITC alone (cheap)
 
 
 @dataclass(frozen=True)

@@ -421,6 +421,11 @@ class Trainer:
         if self.heldout is None or self.rank != 0:
             return None
         m = evaluate_retrieval(self.model, self.heldout, self.device, autocast=self.autocast())
+        if self.cfg.eval.rerank_k > 0:  # the paper's protocol; rank 0 alone, so no collectives
+            from ..eval.retrieval import evaluate_retrieval as paper_protocol
+
+            paper = paper_protocol(self.model, [self.heldout], k=self.cfg.eval.rerank_k, distributed=False)
+            m.update({f"rerank_{k}": v for k, v in paper.items() if isinstance(v, (int, float))})
         self.logger.event("eval", step=self.step, when=when, **m)
         return m
 
@@ -510,6 +515,9 @@ class Trainer:
                 extra = f"  R@5: i2t {after['i2t_r5']:.2f}, t2i {after['t2i_r5']:.2f}; "
                 if before is not None:
                     extra += f"before training R@1: i2t {before['i2t_r1']:.3f}, t2i {before['t2i_r1']:.3f}; "
+                if "rerank_i2t_r1" in after:
+                    extra += (f"ITM rerank of the top {cfg.eval.rerank_k} R@1: i2t {after['rerank_i2t_r1']:.3f}, "
+                              f"t2i {after['rerank_t2i_r1']:.3f}; ")
                 result["wall_s"] = time.perf_counter() - self.t_start
                 self.log(extra + f"wall {result['wall_s']:.0f} s")
         result["wall_s"] = time.perf_counter() - self.t_start

@@ -4,6 +4,7 @@
     python benchmarks/gpu/check.py env                       versions, GPU, commit -> stages.env.data
     python benchmarks/gpu/check.py verify-build              blip2fast._C imports (with CUDA kernels on a GPU run)
     python benchmarks/gpu/check.py bench                     ITM sampler: torch reference vs blip2fast._C
+    python benchmarks/gpu/check.py attention                 cuda-marked attention tests + the attention benchmark
     python benchmarks/gpu/check.py finish --stage S --rc N --started T0 --limit L --log F [--pytest]
 
 Every command rewrites $OUT/gpu_results.json (atomically), so whatever stage dies, what came before is kept.
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ("env", "build", "cuda_tests", "bench")
+STAGES = ("env", "build", "cuda_tests", "bench", "attention")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -233,6 +234,59 @@ def cmd_bench(_args) -> int:
     return 0
 
 
+ATTENTION_TESTS = "tests/ops/test_qformer_attention_triton.py"
+ATTENTION_BENCH = "benchmarks/bench_qformer_attention.py"
+
+
+def _pytest(args: list[str], timeout: float) -> tuple[int, str]:
+    """Run pytest in a subprocess (its output echoed into this stage's log); (exit code, output). 124 = timed out."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    print("$", " ".join(cmd), flush=True)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        rc, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, out = 124, out + f"\n(killed after {timeout:.0f} s)"
+    print(out[-6000:], flush=True)
+    return rc, out
+
+
+def cmd_attention(_args) -> int:
+    """The Q-Former attention on the device: its cuda-marked tests (bf16, Q-Former shapes at batch 128, CUDA-graph
+    replay without host syncs), then benchmarks/bench_qformer_attention.py (Triton vs reference vs SDPA; time,
+    TFLOP/s, peak memory, speedups) with its JSON summarised into stages.attention.data. Dry run: the tests are
+    collected and skip (no GPU), the benchmark runs at CPU sizes."""
+    rc_tests, log = _pytest(["-m", "cuda", ATTENTION_TESTS], timeout=90 if not dry_run() else 120)
+    tests = _pytest_summary(log)
+    if rc_tests == 5:
+        tests["error"] = "no cuda-marked attention tests collected"
+    put_data("attention", {"tests": tests, "tests_rc": rc_tests})
+    json_path = os.path.join(out_dir(), "bench_attention.json")
+    if os.path.exists(json_path):
+        os.remove(json_path)  # never summarise a previous run's numbers
+    rc_bench, log = _pytest([ATTENTION_BENCH, f"--benchmark-json={json_path}"], timeout=55 if not dry_run() else 120)
+    rows, speedups = [], {}
+    try:
+        with open(json_path) as f:
+            bench = json.load(f)
+        for b in bench.get("benchmarks", []):
+            info = b.get("extra_info", {})
+            rows.append({k: info.get(k) for k in ("shape", "pass_", "impl", "device", "dtype", "median_ms", "tflops",
+                                                  "peak_mem_mb", "speedup_vs_torch", "max_rel_err_vs_torch")})
+            key = f"{info.get('shape')} {info.get('pass_')}"
+            speedups.setdefault(key, {})[info.get("impl")] = info.get("speedup_vs_torch")
+    except (OSError, ValueError) as e:
+        rows = [{"error": f"no benchmark JSON ({type(e).__name__}: {e})"}]
+    put_data("attention", {"bench": rows, "speedup_vs_torch": speedups, "bench_rc": rc_bench,
+                           "bench_json": os.path.basename(json_path)})
+    if rc_tests != 0:
+        print(f"attention: cuda-marked attention tests failed (pytest exit code {rc_tests})", file=sys.stderr)
+    if rc_bench != 0:
+        print(f"attention: benchmark failed (pytest exit code {rc_bench})", file=sys.stderr)
+    return 0 if rc_tests == 0 and rc_bench == 0 else 1
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bookkeeping
 
@@ -301,6 +355,7 @@ def main() -> int:
     sub.add_parser("env")
     sub.add_parser("verify-build")
     sub.add_parser("bench")
+    sub.add_parser("attention")
     f = sub.add_parser("finish")
     f.add_argument("--stage", required=True)
     f.add_argument("--rc", type=int, required=True)
@@ -311,7 +366,7 @@ def main() -> int:
     f.add_argument("--skip-reason", default="")
     args = p.parse_args()
     return {"init": cmd_init, "env": cmd_env, "verify-build": cmd_verify_build, "bench": cmd_bench,
-            "finish": cmd_finish}[args.cmd](args)
+            "attention": cmd_attention, "finish": cmd_finish}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Device check for one H200 (or any CUDA GPU): build blip2fast._C with CUDA, run the `cuda`-marked tests, and time
-# the ITM sampler against its PyTorch reference. Finishes in under 6 minutes (stage limits below sum to < 330 s).
+# Device check for one H200 (or any CUDA GPU): build blip2fast._C with CUDA, run the `cuda`-marked tests, time the
+# ITM sampler against its PyTorch reference, then the Q-Former attention (its cuda-marked tests and the Triton vs
+# reference vs SDPA benchmark). Finishes in under 6 minutes: the whole script has a 330 s budget, and a stage gets
+# min(its own limit, what is left), so a slow build squeezes the later stages instead of overrunning.
 #
 #   bash benchmarks/gpu/run.sh             # on the GPU machine (python3 with a CUDA torch, nvcc, ninja)
 #   bash benchmarks/gpu/run.sh --dry-run   # on a CPU, tiny sizes (CI); same as BLIP2FAST_DRY_RUN=1
 #
-# Stages: env -> build -> cuda_tests -> bench, each under its own `timeout`. After each stage
+# Stages: env -> build -> cuda_tests -> bench -> attention, each under its own `timeout`. After each stage
 # $OUT/gpu_results.json (OUT defaults to ./out) is rewritten with every stage's status, seconds and data, and one
 # line is printed; a failed stage does not stop the later ones. Logs: $OUT/<stage>.log. Exit code 0 iff all ok.
 # The GPU machine has no internet and no webdataset, hence `pip install --no-deps`. PYTHON overrides python3.
@@ -73,11 +75,16 @@ else
     && "$PY" benchmarks/gpu/check.py verify-build'
 fi
 
-# (c) every test marked cuda (ours and the models'); exit code 5 (nothing collected) counts as a failure
-stage cuda_tests 90 --pytest -- "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
+# (c) every test marked cuda (ours and the models'; the attention kernel's run in (e), under their own limit, as
+#     their first launches compile Triton kernels); exit code 5 (nothing collected) counts as a failure
+stage cuda_tests 120 --pytest -- "$PY" -m pytest -q -m cuda tests -p no:cacheprovider \
+  --ignore=tests/ops/test_qformer_attention_triton.py
 
 # (d) ITM sampler micro-benchmark: torch reference vs blip2fast._C (identical indices checked first)
 stage bench 60 -- "$PY" benchmarks/gpu/check.py bench
+
+# (e) Q-Former attention: cuda-marked tests (bf16, batch-128 shapes, CUDA graphs) + benchmark vs reference and SDPA
+stage attention 150 -- "$PY" benchmarks/gpu/check.py attention
 
 echo "--- done in $((SECONDS - T_START)) s; results: $OUT/gpu_results.json"
 "$PY" - "$OUT/gpu_results.json" <<'EOF'

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import QFormerConfig
-from ..ops.attention import AttnDropout, qformer_attention_ref
+from ..ops.attention import AttnDropout, qformer_attention
 
 # Pass ids feed the dropout hash's `site` so different passes draw independent masks.
 PASS_QUERY, PASS_TEXT, PASS_ITM, PASS_ITG, PASS_GENERATE = range(5)
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         q = self._heads(self.query(hidden))
         if dropout is not None and (not self.training or self.attn_dropout_p == 0.0):
             dropout = None
-        ctx = qformer_attention_ref(
+        ctx = qformer_attention(  # backend: argument > BLIP2FAST_BACKEND > automatic (ops/dispatch.py)
             q, kv[0], kv[1], key_padding=key_padding, causal_prefix=causal_prefix, kv_index=kv_index,
             dropout=dropout,
         )

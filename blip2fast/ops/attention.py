@@ -1,13 +1,15 @@
-"""Q-Former attention: the pure-PyTorch reference that defines the masks, the dropout and the image indexing.
+"""Q-Former attention: the pure-PyTorch reference that defines the masks, the dropout and the image indexing, and
+the public op `qformer_attention` (bottom of this file) that runs it or the fused Triton kernels
+(kernels/qformer_attention.py), chosen by argument > BLIP2FAST_BACKEND > automatic.
 
-The fused kernels (later, behind this same function) take the mask as *parameters*, never as a (B, 1, L, L)
-tensor: which keys a row sees is a function of
+The fused kernels take the mask as *parameters*, never as a (B, 1, L, L) tensor: which keys a row sees is a
+function of
   - `key_padding` (B, Lk) bool, True = a real token (None: every key is real),
   - `causal_prefix`: None for bidirectional attention; an int P for the multimodal-causal rule of ITG and
     generation: keys [0, P) (the queries) are always visible and key P + j is visible from row i iff
     j <= i + `row_offset` (row i of the call is text position i + row_offset),
 exactly LAVIS's extended masks. Masked scores get LAVIS's additive -10000 rather than -inf, so a row whose keys
-are all padding attends uniformly instead of producing NaN, as in LAVIS.
+are all padding attends over all its keys (the shift cancels in the softmax) instead of producing NaN, as in LAVIS.
 
 Cross-attention may index its K/V per row (`kv_index`, (B,) int64): the 3B ITM rows read the K/V of the B
 images that were projected once per step.
@@ -107,3 +109,208 @@ def qformer_attention_ref(
     keep = dropout_keep_mask(dropout, H, Lq, Lk)
     probs = torch.where(keep, probs / (1.0 - dropout.p), torch.zeros((), dtype=probs.dtype, device=probs.device))
     return torch.matmul(probs, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public op: one function, backends chosen by argument > BLIP2FAST_BACKEND > automatic (ops/dispatch.py).
+#   "torch":  qformer_attention_ref above (any device and float dtype; autograd through PyTorch)
+#   "triton": kernels/qformer_attention.py, fused forward + backward behind the torch.library custom ops
+#             blip2fast::qformer_attention / blip2fast::qformer_attention_backward (custom_op + register_fake +
+#             register_autograd, so torch.compile(fullgraph=True) and CUDA graphs see them); CUDA tensors, or CPU
+#             tensors under TRITON_INTERPRET=1 (tests); fp32/fp16/bf16 (bf16 on CUDA only); head dims 16/32/64/128.
+# Automatic: triton when it can take the input on a GPU, else torch; on the CPU always torch.
+
+BACKENDS = ("torch", "triton")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], causal_prefix: Optional[int],
+                  kv_index: Optional[Tensor], dropout: Optional[AttnDropout]) -> None:
+    """Shape errors every backend shares (values are never read: no device sync)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (batch, heads, length, head_dim); got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Lq, d = q.shape
+    if k.shape != v.shape or k.shape[1] != H or k.shape[3] != d:
+        raise ValueError(f"k and v must have shape (Bk, {H}, Lk, {d}) like each other; got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)} for q {tuple(q.shape)}")
+    Lk = k.shape[2]
+    if kv_index is None and k.shape[0] != B:
+        raise ValueError(f"K/V batch {k.shape[0]} != query batch {B}; pass kv_index to pick K/V rows per query row")
+    if kv_index is not None and (kv_index.shape != (B,) or kv_index.dtype not in (torch.int64, torch.int32)):
+        raise ValueError(f"kv_index must be an integer tensor of shape ({B},); got {kv_index.dtype} "
+                         f"{tuple(kv_index.shape)}")
+    if key_padding is not None and key_padding.shape not in ((B, Lk), (B,)):
+        raise ValueError(f"key_padding must be a ({B}, {Lk}) mask (nonzero = real key) or ({B},) key lengths; got "
+                         f"shape {tuple(key_padding.shape)}")
+    if causal_prefix is not None and causal_prefix < 0:
+        raise ValueError(f"causal_prefix must be >= 0 (keys [0, P) always visible) or None; got {causal_prefix}")
+    if dropout is not None:
+        hashing.dropout_threshold(dropout.p)  # raises for p outside [0, 1)
+        if dropout.seed_step.shape != (2,) or dropout.seed_step.dtype != torch.int64:
+            raise ValueError(f"dropout.seed_step must be an int64 tensor [seed, step] of shape (2,); got "
+                             f"{dropout.seed_step.dtype} {tuple(dropout.seed_step.shape)}")
+        if dropout.row_ids.shape != (B,) or dropout.row_ids.dtype != torch.int64:
+            raise ValueError(f"dropout.row_ids must be int64 of shape ({B},); got {dropout.row_ids.dtype} "
+                             f"{tuple(dropout.row_ids.shape)}")
+
+
+def _triton_unsupported(q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], kv_index: Optional[Tensor],
+                        dropout: Optional[AttnDropout]) -> list[str]:
+    """Why the Triton kernels cannot take this input ([] when they can)."""
+    from .dispatch import triton_reasons
+
+    extra = [t for t in (key_padding, kv_index) if t is not None]
+    if dropout is not None:
+        extra += [dropout.seed_step, dropout.row_ids]
+    reasons = triton_reasons("qformer_attention", q, k, v, dtypes=TRITON_DTYPES)
+    devices = {t.device for t in (q, *extra)}
+    if len(devices) > 1:
+        reasons.append(f"mask / index / dropout tensors on {sorted(str(d) for d in devices)}: put them on q's device")
+    if not (q.dtype == k.dtype == v.dtype):
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        reasons.append(f"head dim {q.shape[-1]} is not one of {TRITON_HEAD_DIMS}")
+    if kv_index is not None and kv_index.dtype != torch.int64:
+        reasons.append(f"kv_index must be int64 for the kernel, got {kv_index.dtype}")
+    if key_padding is not None and key_padding.dtype.is_floating_point:
+        reasons.append(f"key_padding must be a bool/integer mask or integer lengths, got {key_padding.dtype}")
+    return reasons
+
+
+def _choose_backend(q, k, v, key_padding, kv_index, dropout, backend: Optional[str]) -> str:
+    from .dispatch import choose_backend
+
+    return choose_backend(
+        "qformer_attention", backend,
+        {"torch": lambda: [], "triton": lambda: _triton_unsupported(q, k, v, key_padding, kv_index, dropout)},
+        # torch (SDPA) stays the automatic choice everywhere until the GPU check script has measured the Triton
+        # kernel on a GPU (it has been verified under the interpreter and lowered for sm_90, never run on a GPU):
+        # ask for it with backend="triton" or BLIP2FAST_BACKEND=triton
+        automatic=("torch",),
+        what="Q-Former attention",
+    )
+
+
+def _kernels():
+    from .dispatch import triton_kernels
+
+    module, why = triton_kernels("qformer_attention")
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
+def _new_out(q: Tensor) -> Tensor:
+    """(B, H, Lq, d) laid out as (B, Lq, H, d): the caller's transpose(1, 2).reshape(B, Lq, H * d) is then free."""
+    B, H, Lq, d = q.shape
+    return q.new_empty((B, Lq, H, d)).transpose(1, 2)
+
+
+def _mask_args(key_padding, causal_prefix, row_offset, kv_index, seed_step, row_ids, dropout_p, site, q_offset):
+    m = _kernels().MaskArgs(key_padding=key_padding, causal_prefix=causal_prefix, row_offset=row_offset,
+                            kv_index=kv_index)
+    if dropout_p > 0.0:
+        m.seed_step, m.row_ids, m.dropout_p = seed_step, row_ids, dropout_p
+        m.dropout_threshold = hashing.dropout_threshold(dropout_p)
+        m.site, m.q_offset = site, q_offset
+    return m
+
+
+@torch.library.custom_op("blip2fast::qformer_attention", mutates_args=(), device_types=("cpu", "cuda"))
+def _qformer_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], causal_prefix: Optional[int], row_offset: int,
+    kv_index: Optional[Tensor], seed_step: Optional[Tensor], row_ids: Optional[Tensor], dropout_p: float,
+    site: int, q_offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Triton forward: (out (B, H, Lq, d), lse (B, H, Lq) fp32, saved for the backward)."""
+    B, H, Lq, _ = q.shape
+    out = _new_out(q)
+    lse = q.new_empty((B, H, Lq), dtype=torch.float32)
+    m = _mask_args(key_padding, causal_prefix, row_offset, kv_index, seed_step, row_ids, dropout_p, site, q_offset)
+    _kernels().forward(q, k, v, m, out, lse)
+    return out, lse
+
+
+@_qformer_attention_op.register_fake
+def _qformer_attention_fake(q, k, v, key_padding, causal_prefix, row_offset, kv_index, seed_step, row_ids,
+                            dropout_p, site, q_offset):
+    B, H, Lq, _ = q.shape
+    return _new_out(q), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("blip2fast::qformer_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _qformer_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding: Optional[Tensor],
+    causal_prefix: Optional[int], row_offset: int, kv_index: Optional[Tensor], seed_step: Optional[Tensor],
+    row_ids: Optional[Tensor], dropout_p: float, site: int, q_offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: (dq, dk, dv); dk/dv sum over the rows that read each K/V row when kv_index is given."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    m = _mask_args(key_padding, causal_prefix, row_offset, kv_index, seed_step, row_ids, dropout_p, site, q_offset)
+    _kernels().backward(grad_out, q, k, v, out, lse, m, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_qformer_attention_backward_op.register_fake
+def _qformer_attention_backward_fake(grad_out, q, k, v, out, lse, key_padding, causal_prefix, row_offset, kv_index,
+                                     seed_step, row_ids, dropout_p, site, q_offset):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding, causal_prefix, row_offset, kv_index, seed_step, row_ids, dropout_p, site, q_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding, kv_index, seed_step, row_ids)
+    ctx.scalars = (causal_prefix, row_offset, dropout_p, site, q_offset)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding, kv_index, seed_step, row_ids = ctx.saved_tensors
+    causal_prefix, row_offset, dropout_p, site, q_offset = ctx.scalars
+    if grad_out is None:  # only lse was used downstream (it carries no gradient)
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _qformer_attention_backward_op(grad_out, q, k, v, out, lse, key_padding, causal_prefix, row_offset,
+                                                kv_index, seed_step, row_ids, dropout_p, site, q_offset)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_qformer_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def qformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding: Optional[Tensor] = None,
+    causal_prefix: Optional[int] = None,
+    row_offset: int = 0,
+    kv_index: Optional[Tensor] = None,
+    dropout: Optional[AttnDropout] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with the Q-Former's masks: the semantics of `qformer_attention_ref`.
+
+    q: (B, H, Lq, d); k, v: (Bk, H, Lk, d) (Bk = B, or any Bk with `kv_index` (B,) int64).
+    key_padding: (B, Lk) mask (nonzero = real key) or (B,) integer key lengths (keys [0, len) real).
+    backend: "torch" | "triton" | None (BLIP2FAST_BACKEND if set, else automatic: torch until the Triton kernel has
+    been measured on a GPU). A requested backend that cannot take the input raises with the reasons.
+    Returns (B, H, Lq, d) in q's dtype (the Triton output is laid out as (B, Lq, H, d) in memory).
+    """
+    _check_inputs(q, k, v, key_padding, causal_prefix, kv_index, dropout)
+    if dropout is not None and dropout.p == 0.0:
+        dropout = None
+    if _choose_backend(q, k, v, key_padding, kv_index, dropout, backend) == "torch":
+        if key_padding is not None and key_padding.dim() == 1:  # lengths -> mask
+            key_padding = torch.arange(k.shape[2], device=key_padding.device) < key_padding[:, None]
+        return qformer_attention_ref(q, k, v, key_padding=key_padding, causal_prefix=causal_prefix,
+                                     row_offset=row_offset, kv_index=kv_index, dropout=dropout)
+    d = dropout
+    out, _ = _qformer_attention_op(
+        q, k, v, key_padding, causal_prefix, int(row_offset), kv_index,
+        None if d is None else d.seed_step, None if d is None else d.row_ids, 0.0 if d is None else float(d.p),
+        0 if d is None else int(d.site), 0 if d is None else int(d.q_offset),
+    )
+    return out

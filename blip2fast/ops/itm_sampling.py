@@ -13,12 +13,10 @@ ITM instead). Everything stays on device; nothing here synchronises with the hos
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from . import hashing
+from . import dispatch, hashing
 
 
 def _check(sim: Tensor, positive: Tensor, row_ids: Tensor) -> None:
@@ -70,7 +68,7 @@ def itm_sample_negatives_ref(
 #   "cpp":   the compiled op torch.ops.blip2fast.itm_sample_negatives (csrc/: C++ on CPU tensors, CUDA kernel on
 #            CUDA tensors); fp32/fp16/bf16 sims. Identical indices to the reference.
 # Automatic takes "cpp" when it can run the input, else "torch". A backend that was asked for (argument or
-# environment) and cannot run the input raises with the reasons; it never falls back silently.
+# environment) and cannot run the input raises with the reasons; it never falls back silently (ops/dispatch.py).
 
 BACKENDS = ("torch", "cpp")
 _CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,24 +93,12 @@ def _cpp_unsupported(sim: Tensor) -> list[str]:
 
 
 def _choose_backend(sim: Tensor, backend: str | None) -> str:
-    source = "backend argument"
-    if backend is None:
-        env = os.environ.get("BLIP2FAST_BACKEND", "").strip()
-        if env:
-            backend, source = env, "BLIP2FAST_BACKEND"
-    if backend is None:
-        return "cpp" if not _cpp_unsupported(sim) else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown ITM sampling backend {backend!r} (from {source}); choose one of {BACKENDS}")
-    if backend == "cpp":
-        reasons = _cpp_unsupported(sim)
-        if reasons:
-            raise RuntimeError(
-                f"itm_sample_negatives: backend 'cpp' was requested ({source}) but cannot run this input: "
-                + "; ".join(reasons)
-                + ". Use backend='torch' or unset the request for automatic choice."
-            )
-    return backend
+    """argument > BLIP2FAST_BACKEND > automatic (the compiled op when it can run the input, else torch)."""
+    return dispatch.choose_backend(
+        "itm_sample_negatives", backend,
+        {"torch": lambda: [], "cpp": lambda: _cpp_unsupported(sim)},
+        automatic=("cpp", "torch"), what="ITM sampling",
+    )
 
 
 def itm_sample_negatives(

@@ -4,6 +4,7 @@ make the split invisible."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -30,8 +31,16 @@ def test_two_processes_equal_one(tmp_path, gather_with_grad):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.dist_worker", out_path, "1" if gather_with_grad else "0"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # own process group, so a timeout kills torchrun *and* its workers (none is left spinning on the machine)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail("2-process run timed out after 240 s:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-6000:]
     dist = torch.load(out_path, weights_only=True)
 
     out, grads = single_process(gather_with_grad)

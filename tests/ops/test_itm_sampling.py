@@ -250,7 +250,8 @@ def test_cpp_input_checks_name_bad_values(ext):
 def test_opcheck(ext, dtype):
     gen = torch.Generator().manual_seed(21)
     args = make_inputs(7, 33, dtype, gen=gen, nonfinite=0.1)
-    torch.library.opcheck(torch.ops.blip2fast.itm_sample_negatives.default, (*args, STREAM))
+    results = torch.library.opcheck(torch.ops.blip2fast.itm_sample_negatives.default, (*args, STREAM))
+    assert results and all(v == "SUCCESS" for v in results.values()), results
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor

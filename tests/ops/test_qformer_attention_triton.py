@@ -266,7 +266,8 @@ def _op_args(mode: str):
 
 @pytest.mark.parametrize("mode", ["itg", "cross"])
 def test_opcheck(mode):
-    torch.library.opcheck(torch.ops.blip2fast.qformer_attention.default, _op_args(mode))
+    results = torch.library.opcheck(torch.ops.blip2fast.qformer_attention.default, _op_args(mode))
+    assert results and all(v == "SUCCESS" for v in results.values()), results
 
 
 def test_automatic_is_torch_on_cpu_and_env_forces_triton(monkeypatch):

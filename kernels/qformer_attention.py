@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._hash import mix32 as _mix32  # lowbias32 on uint32, shared by every kernel that hashes
+
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAUNCHES: collections.Counter = collections.Counter()  # kernel name -> launches in this process
@@ -49,17 +51,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Counter hash (blip2fast/ops/hashing.py, in uint32: the multiplications wrap mod 2**32 as the spec says)
-
-
-@triton.jit
-def _mix32(x):
-    """lowbias32 on uint32 values."""
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
-    return x
 
 
 @triton.jit

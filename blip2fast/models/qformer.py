@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import QFormerConfig
 from ..ops.attention import AttnDropout, qformer_attention
+from ..ops.layer_norm import layer_norm
 
 # Pass ids feed the dropout hash's `site` so different passes draw independent masks.
 PASS_QUERY, PASS_TEXT, PASS_ITM, PASS_ITG, PASS_GENERATE = range(5)
@@ -105,7 +106,10 @@ class Attention(nn.Module):
         )
         B, _, L, _ = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(B, L, -1)
-        return self.norm(self.dropout(self.dense(ctx)) + hidden)
+        # LayerNorm(dense + residual) in one op (backend: argument > BLIP2FAST_BACKEND > automatic); the
+        # nn.LayerNorm holds the parameters, so state-dict keys are unchanged
+        n = self.norm
+        return layer_norm(self.dropout(self.dense(ctx)), n.weight, n.bias, n.eps, residual=hidden)
 
 
 class FeedForward(nn.Module):
@@ -119,7 +123,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.dropout(self.down(F.gelu(self.up(x)))) + x)
+        n = self.norm  # LayerNorm(dense + residual) fused, as in Attention.forward
+        return layer_norm(self.dropout(self.down(F.gelu(self.up(x)))), n.weight, n.bias, n.eps, residual=x)
 
 
 class Layer(nn.Module):

@@ -15,6 +15,11 @@ on the CPU). Then:
   - automatic takes the first listed backend without reasons.
 The choice reads only Python state (the environment, dtypes, devices, shapes), never tensor values, so it costs
 no device synchronisation and torch.compile traces it as constants.
+
+Automatic order on a GPU is a measurement, not a guess: `gpu_order(op, unmeasured)` returns the order the GPU
+check script measured fastest (blip2fast/ops/measured_backends.json, written from a committed results file by
+`python benchmarks/report.py --measured`), and `unmeasured` until the op has been measured. Every op passes the
+reference ("torch",) as `unmeasured` for kernels that have never run on a GPU.
 """
 from __future__ import annotations
 
@@ -89,6 +94,38 @@ def choose_backend(
             + ". Use backend='torch' or unset the request for automatic choice."
         )
     return name
+
+
+MEASURED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "measured_backends.json")
+_measured: Optional[dict] = None
+
+
+def measured_backends() -> dict:
+    """{op: {"order": [fastest backend first], "measured_on": GPU name, "source": results file, ...}} (read once).
+    Missing or unreadable file: {} (nothing measured)."""
+    global _measured
+    if _measured is None:
+        try:
+            import json
+
+            with open(MEASURED_FILE) as f:
+                _measured = json.load(f).get("ops", {})
+        except (OSError, ValueError):
+            _measured = {}
+    return _measured
+
+
+@torch.compiler.assume_constant_result
+def gpu_order(op: str, unmeasured: Sequence[str]) -> tuple:
+    """The automatic backend order for `op` on CUDA tensors: fastest first as measured on a GPU by the check script
+    (benchmarks/gpu/), else `unmeasured`. The reference "torch" always closes the list, so an input the faster
+    backends cannot take still runs."""
+    entry = measured_backends().get(op)
+    order = list(entry["order"]) if entry and entry.get("order") else list(unmeasured)
+    return tuple(order) + (() if "torch" in order else ("torch",))
+
+
+measured_backends()  # read at import, never while torch.compile traces an op
 
 
 _kernel_modules: dict = {}

@@ -19,7 +19,12 @@ from torch import Tensor
 from . import dispatch, hashing
 
 
-def _check(sim: Tensor, positive: Tensor, row_ids: Tensor) -> None:
+def _check(sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor | None = None) -> None:
+    if seed_step is not None and (seed_step.shape != (2,) or seed_step.dtype != torch.int64):
+        raise ValueError(
+            f"seed_step must be an int64 tensor of shape (2,) holding [seed, step]; got dtype {seed_step.dtype} "
+            f"shape {tuple(seed_step.shape)}"
+        )
     if sim.dim() != 2:
         raise ValueError(f"sim must be 2-D (rows, candidates), got shape {tuple(sim.shape)}")
     if not sim.dtype.is_floating_point:
@@ -64,14 +69,21 @@ def itm_sample_negatives_ref(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public entry point: one function, backends chosen by argument > BLIP2FAST_BACKEND > automatic.
-#   "torch": itm_sample_negatives_ref above (any device, any float dtype)
-#   "cpp":   the compiled op torch.ops.blip2fast.itm_sample_negatives (csrc/: C++ on CPU tensors, CUDA kernel on
-#            CUDA tensors); fp32/fp16/bf16 sims. Identical indices to the reference.
-# Automatic takes "cpp" when it can run the input, else "torch". A backend that was asked for (argument or
-# environment) and cannot run the input raises with the reasons; it never falls back silently (ops/dispatch.py).
+#   "torch":  itm_sample_negatives_ref above (any device, any float dtype)
+#   "cpp":    the compiled op torch.ops.blip2fast.itm_sample_negatives (csrc/: C++ on CPU tensors, CUDA kernel on
+#             CUDA tensors); fp32/fp16/bf16 sims. Identical indices to the reference.
+#   "triton": kernels/itm_sampling.py behind the custom op blip2fast::itm_sample_negatives_triton (custom_op +
+#             register_fake, so torch.compile(fullgraph=True) and CUDA graphs see it; no autograd: the outputs are
+#             indices); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests); fp32/fp16/bf16 sims (bf16 on
+#             CUDA only). Identical indices to the reference.
+# Automatic: on the CPU cpp, then torch (the interpreter is for tests); on CUDA the order the GPU check script
+# measured fastest (dispatch.gpu_order), torch until a measurement is committed.
+# A backend that was asked for (argument or environment) and cannot run the input raises with the reasons; it
+# never falls back silently (ops/dispatch.py).
 
-BACKENDS = ("torch", "cpp")
+BACKENDS = ("torch", "cpp", "triton")
 _CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cpp_unsupported(sim: Tensor) -> list[str]:
@@ -92,13 +104,59 @@ def _cpp_unsupported(sim: Tensor) -> list[str]:
     return reasons
 
 
-def _choose_backend(sim: Tensor, backend: str | None) -> str:
-    """argument > BLIP2FAST_BACKEND > automatic (the compiled op when it can run the input, else torch)."""
+def _triton_unsupported(sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor) -> list[str]:
+    """Why the Triton kernel cannot take this input ([] when it can)."""
+    reasons = dispatch.triton_reasons("itm_sampling", sim, dtypes=TRITON_DTYPES)
+    devices = {t.device for t in (sim, positive, row_ids, seed_step)}
+    if len(devices) > 1:
+        reasons.append(f"sim, positive, row_ids, seed_step on {sorted(str(d) for d in devices)}: put them on one "
+                       "device")
+    if max(sim.shape, default=0) >= 2**31 or max(sim.stride(), default=0) >= 2**31:
+        reasons.append(f"sim of shape {tuple(sim.shape)} / strides {sim.stride()} needs 64-bit sizes (the kernel "
+                       "takes 32-bit ones)")
+    return reasons
+
+
+def _choose_backend(sim: Tensor, backend: str | None, positive: Tensor | None = None,
+                    row_ids: Tensor | None = None, seed_step: Tensor | None = None) -> str:
+    """argument > BLIP2FAST_BACKEND > automatic (see the table above)."""
+    extra = [t if t is not None else sim for t in (positive, row_ids, seed_step)]
+    # CPU: the C++ op (measured ~20x the reference at 8 x 64). CUDA: the order the GPU check measured fastest
+    # (benchmarks/bench_itm_sampling.py, 128 x 8192 sims; ops/dispatch.py gpu_order), the reference until then.
+    automatic = ("cpp", "torch") if sim.device.type == "cpu" else dispatch.gpu_order("itm_sample_negatives",
+                                                                                      ("torch",))
     return dispatch.choose_backend(
         "itm_sample_negatives", backend,
-        {"torch": lambda: [], "cpp": lambda: _cpp_unsupported(sim)},
-        automatic=("cpp", "torch"), what="ITM sampling",
+        {"torch": lambda: [], "cpp": lambda: _cpp_unsupported(sim),
+         "triton": lambda: _triton_unsupported(sim, *extra)},
+        automatic=automatic, what="ITM sampling",
     )
+
+
+def _kernels():
+    module, why = dispatch.triton_kernels("itm_sampling")
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
+@torch.library.custom_op("blip2fast::itm_sample_negatives_triton", mutates_args=(), device_types=("cpu", "cuda"))
+def _itm_sample_negatives_triton(
+    sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor, stream: int
+) -> tuple[Tensor, Tensor]:
+    """The Triton draw: (negative column per row (int64), number of fallback rows (int64 scalar))."""
+    _check(sim, positive, row_ids, seed_step)
+    rows = sim.shape[0]
+    neg = torch.empty((rows,), dtype=torch.int64, device=sim.device)
+    flags = torch.empty((rows,), dtype=torch.int32, device=sim.device)  # the kernel writes every row
+    _kernels().sample(sim, positive, row_ids, seed_step, int(stream), neg, flags)
+    return neg, flags.sum(dtype=torch.int64)  # a fixed-order torch reduction: deterministic, no atomics
+
+
+@_itm_sample_negatives_triton.register_fake
+def _itm_sample_negatives_triton_fake(sim, positive, row_ids, seed_step, stream):
+    torch._check(sim.dim() == 2, lambda: f"sim must be 2-D (rows, candidates), got shape {tuple(sim.shape)}")
+    return sim.new_empty((sim.shape[0],), dtype=torch.int64), sim.new_empty((), dtype=torch.int64)
 
 
 def itm_sample_negatives(
@@ -106,9 +164,14 @@ def itm_sample_negatives(
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative per row; same arguments and results as `itm_sample_negatives_ref`.
 
-    backend: "torch" | "cpp" | None (BLIP2FAST_BACKEND if set, else the compiled op when it can run, else torch).
-    Every backend returns identical indices (the reference is the spec).
+    backend: "torch" | "cpp" | "triton" | None (BLIP2FAST_BACKEND if set, else automatic: the compiled op on
+    the CPU; on CUDA what the GPU check measured fastest, torch until then). Every backend returns identical indices (the reference is
+    the spec).
     """
-    if _choose_backend(sim, backend) == "cpp":
+    chosen = _choose_backend(sim, backend, positive, row_ids, seed_step)
+    if chosen == "cpp":
         return torch.ops.blip2fast.itm_sample_negatives(sim, positive, row_ids, seed_step, int(stream))
+    if chosen == "triton":
+        _check(sim, positive, row_ids, seed_step)  # clear errors before the op (also under torch.compile)
+        return _itm_sample_negatives_triton(sim, positive, row_ids, seed_step, int(stream))
     return itm_sample_negatives_ref(sim, positive, row_ids, seed_step, stream)

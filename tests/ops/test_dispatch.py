@@ -103,3 +103,22 @@ def test_triton_reasons(monkeypatch):
     assert "only under its interpreter" in dispatch.triton_reasons("k", x, dtypes=(torch.float32,))[0]
     assert "no Triton kernels for device type 'meta'" in dispatch.triton_reasons(
         "k", x.to("meta"), dtypes=(torch.float32,))[0]
+
+
+def test_gpu_order_follows_the_measured_file_and_ends_with_torch(monkeypatch, tmp_path):
+    """Automatic order on a GPU is what the GPU check measured (measured_backends.json), the `unmeasured` default
+    (the reference) before any measurement, and always ends with the reference so any input still runs."""
+    from blip2fast.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_measured", {})
+    assert dispatch.gpu_order("itc_loss", ("torch",)) == ("torch",)
+    assert dispatch.gpu_order("itc_loss", ("triton",)) == ("triton", "torch")
+    monkeypatch.setattr(dispatch, "_measured", {"itc_loss": {"order": ["cpp", "triton"], "measured_on": "H200"}})
+    assert dispatch.gpu_order("itc_loss", ("torch",)) == ("cpp", "triton", "torch")
+    assert dispatch.gpu_order("layer_norm", ("torch",)) == ("torch",)
+    path = tmp_path / "m.json"
+    path.write_text('{"ops": {"layer_norm": {"order": ["torch", "triton"]}}}')
+    monkeypatch.setattr(dispatch, "MEASURED_FILE", str(path))
+    monkeypatch.setattr(dispatch, "_measured", None)
+    assert dispatch.measured_backends() == {"layer_norm": {"order": ["torch", "triton"]}}
+    assert dispatch.gpu_order("layer_norm", ("triton",)) == ("torch", "triton")

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from blip2fast.ops import _extension, hashing
+from blip2fast.ops import _extension, dispatch, hashing
 from blip2fast.ops import itm_sampling as itm
 from blip2fast.ops.itm_sampling import itm_sample_negatives, itm_sample_negatives_ref
 
@@ -292,7 +292,10 @@ def test_env_backend(monkeypatch):
     monkeypatch.setenv("BLIP2FAST_BACKEND", "torch")
     assert itm._choose_backend(sim, None) == "torch"
     assert itm._choose_backend(sim, "torch") == "torch"
-    monkeypatch.setenv("BLIP2FAST_BACKEND", "triton")  # the sampler has no triton backend: automatic for it
+    monkeypatch.setenv("BLIP2FAST_BACKEND", "triton")  # the sampler has a triton backend: a plain name selects it
+    if dispatch.triton_kernels("itm_sampling")[0] is not None:
+        assert itm._choose_backend(sim, None) == "triton"
+    monkeypatch.setenv("BLIP2FAST_BACKEND", "qformer_attention=triton")  # another op's entry: automatic here
     assert itm._choose_backend(sim, None) in ("torch", "cpp")
     monkeypatch.setenv("BLIP2FAST_BACKEND", "trition")
     with pytest.raises(ValueError, match="unknown ITM sampling backend 'trition' \\(from BLIP2FAST_BACKEND\\)"):

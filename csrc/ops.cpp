@@ -119,10 +119,20 @@ TORCH_LIBRARY(blip2fast, m) {
   // Returns (negative column per row: int64 (rows,), rows that had no finite candidate: int64 ()).
   m.def("itm_sample_negatives(Tensor sim, Tensor positive, Tensor row_ids, Tensor seed_step, int stream) "
         "-> (Tensor, Tensor)");
+  // ITC loss (itc_loss_cpu.cpp, itc_loss.cu; contract: the schema below). Returns (loss (), sim_i2t (B, Ba),
+  // sim_t2i (B, Ba), arg_i2t (B, Ba) int32, arg_t2i (B, Ba) int32, lse (2, B)); the backward returns the five
+  // gradients, an unwanted one (output_mask false) as an empty (0,) tensor.
+  m.def("itc_loss_fwd(Tensor image_feats, Tensor text_feat, Tensor image_all, Tensor text_all, Tensor temp, "
+        "Tensor targets, float label_smoothing) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("itc_loss_bwd(Tensor grad_loss, Tensor image_feats, Tensor text_feat, Tensor image_all, Tensor text_all, "
+        "Tensor temp, Tensor targets, float label_smoothing, Tensor sim_i2t, Tensor sim_t2i, Tensor arg_i2t, "
+        "Tensor arg_t2i, Tensor lse, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(blip2fast, CPU, m) {
   m.impl("itm_sample_negatives", &blip2fast::itm_sample_negatives_cpu);
+  m.impl("itc_loss_fwd", &blip2fast::itc_loss_fwd_cpu);
+  m.impl("itc_loss_bwd", &blip2fast::itc_loss_bwd_cpu);
 }
 
 // An importable, empty Python module: `import blip2fast._C` runs the static registrations above. No pybind11

@@ -1,13 +1,23 @@
 """Ahead-of-time lowering of the Triton kernels for Hopper (sm_90), without a GPU.
 
-    python -m blip2fast.kernels._aot [--jobs N] [--json]
+    python -m blip2fast.kernels._aot [--jobs N] [--json]                 the Q-Former attention kernels
+    python -m blip2fast.kernels._aot --cases [MODULE,...] [--json]       every other kernel module
 
-lowers every launch configuration of kernels/qformer_attention.py (`all_launch_configs()`, every feature on), and
+The first form lowers every launch configuration of kernels/qformer_attention.py (`all_launch_configs()`, every feature on), and
 every feature variant (`feature_variants()`: all off, each off alone) at one configuration, with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`, and reports, per kernel, the shared
 memory (`metadata.shared`), the registers per thread and the local-memory stack (spills) that ptxas recorded in
 the cubin's .nv.info section. It must run in a process *without* TRITON_INTERPRET=1 (the interpreter replaces
 the kernels by Python functions). tests/ops/test_triton_lowering.py runs it in a subprocess.
+
+The second form is for every other kernel module (kernels/<name>.py): each exposes
+
+    def aot_cases() -> list[tuple[str, jit_fn, signature, constexprs, attrs, options]]
+
+one tuple per launch configuration its launchers can pick (label, the @triton.jit function, the signature dict,
+the constexpr values, attributes such as divisibility, options such as num_warps), and is lowered case by case
+(without MODULE names: every module in this folder that has `aot_cases`). tests/ops/test_triton_lowering_ops.py
+runs it.
 """
 from __future__ import annotations
 
@@ -119,12 +129,76 @@ def lower_all(jobs: int = 2) -> tuple[list[dict], list[dict]]:
     return rows[: len(configs)], rows[len(configs):]
 
 
+def case_modules() -> list[str]:
+    """Kernel modules of this folder that expose aot_cases(), by name (the attention kernels have their own
+    launch-config table above)."""
+    import importlib
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    names = []
+    for file in sorted(os.listdir(folder)):
+        name, ext = os.path.splitext(file)
+        if ext != ".py" or name.startswith("_") or name == "qformer_attention":
+            continue
+        if hasattr(importlib.import_module(f"blip2fast.kernels.{name}"), "aot_cases"):
+            names.append(name)
+    return names
+
+
+def _lower_case(args) -> dict:
+    module_name, index = args
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(f"blip2fast.kernels.{module_name}")
+    label, fn, signature, constexprs, attrs, options = module.aot_cases()[index]
+    t0 = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs or {}), target=GPUTarget("cuda", 90, 32),
+                              options=options or {})
+    row = dict(module=module_name, label=label, shared=compiled.metadata.shared,
+               num_warps=(options or {}).get("num_warps"), seconds=round(time.perf_counter() - t0, 2))
+    row.update(nv_info(compiled.asm["cubin"]))
+    return row
+
+
+def lower_cases(modules: list[str], jobs: int = 2) -> list[dict]:
+    """Every aot_cases() entry of the named kernel modules, lowered for sm_90."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: ahead-of-time lowering needs the compiled, not interpreted, kernels")
+    import importlib
+
+    work = [(m, i) for m in modules for i in range(len(importlib.import_module(f"blip2fast.kernels.{m}").aot_cases()))]
+    if jobs <= 1:
+        return [_lower_case(w) for w in work]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_lower_case, work))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--cases", nargs="?", const="", default=None, metavar="MODULE,...",
+                   help="lower the aot_cases() of these kernel modules (all that have them when no names are given)")
     args = p.parse_args()
     t0 = time.perf_counter()
+    if args.cases is not None:
+        modules = [m for m in args.cases.split(",") if m] or case_modules()
+        rows = lower_cases(modules, args.jobs)
+        if args.json:
+            json.dump({"modules": modules, "cases": rows}, sys.stdout)
+            print()
+        else:
+            print(f"{'module':16s} {'case':40s} {'warps':>5s} {'shared':>7s} {'regs':>4s} {'stack':>5s} {'s':>5s}")
+            for r in rows:
+                print(f"{r['module']:16s} {r['label'][:40]:40s} {r['num_warps'] or 0:5d} {r['shared']:7d} "
+                      f"{r.get('registers', -1):4d} {r.get('stack_bytes', -1):5d} {r['seconds']:5.2f}")
+            print(f"{len(rows)} cases of {len(modules)} modules in {time.perf_counter() - t0:.1f} s; "
+                  f"sm_90 limit {SM90_MAX_SHARED} bytes")
+        return 0 if all(r["shared"] < SM90_MAX_SHARED for r in rows) else 1
     rows, variants = lower_all(args.jobs)
     if args.json:
         json.dump({"configs": rows, "variants": variants}, sys.stdout)

@@ -141,6 +141,8 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"blip2fast.kernels": "kernels"},
+    # the automatic GPU backend order measured by the GPU check (benchmarks/report.py measured), when committed
+    package_data={"blip2fast.ops": ["measured_backends.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -5,12 +5,19 @@
     python benchmarks/gpu/check.py verify-build              blip2fast._C imports (with CUDA kernels on a GPU run)
     python benchmarks/gpu/check.py bench                     ITM sampler: torch reference vs blip2fast._C
     python benchmarks/gpu/check.py attention                 cuda-marked attention tests + the attention benchmark
+    python benchmarks/gpu/check.py ops                       every per-op benchmarks/bench_*.py, one pytest each
+    python benchmarks/gpu/check.py e2e --stage S             one end-to-end benchmark file (E2E_FILES[S])
     python benchmarks/gpu/check.py finish --stage S --rc N --started T0 --limit L --log F [--pytest]
 
 Every command rewrites $OUT/gpu_results.json (atomically), so whatever stage dies, what came before is kept.
 `finish` runs after each stage, whatever its outcome: it records status/seconds and prints one line per stage.
 BLIP2FAST_DRY_RUN=1 runs everything on the CPU at tiny sizes (CI uses that to keep this script from rotting).
 `init` and `finish` import nothing heavy (no torch), so they stay instant even when a stage timed out.
+Benchmark stages store their rows (benchmarks/report.py `rows_from`: "e2e_rows", "op_rows") in their stage data,
+so `python benchmarks/report.py gpu_results.json` renders the README table from this one file. A stage's time
+limit reaches the commands as BLIP2FAST_STAGE_LIMIT_S; pytest subprocesses stop a few seconds before it, so the
+rows of the benchmarks that finished are still summarised. BLIP2FAST_STAGES (run.sh --stages) selects stages; the
+others are recorded as "not_selected" and do not count against "ok".
 """
 from __future__ import annotations
 
@@ -24,9 +31,19 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
-STAGES = ("env", "build", "cuda_tests", "bench", "attention")
+STAGES = ("env", "build", "cuda_tests", "e2e_stage1", "e2e_stage2", "e2e_qformer_hf", "train_modes", "bench",
+          "attention", "ops")  # run.sh's order
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+# end-to-end stages: stage -> benchmark file (rows are e2e rows; bench_train_modes.py's may be either kind)
+E2E_FILES = {
+    "e2e_stage1": "benchmarks/bench_stage1_step.py",
+    "e2e_stage2": "benchmarks/bench_stage2_step.py",
+    "e2e_qformer_hf": "benchmarks/bench_qformer_hf.py",
+    "train_modes": "benchmarks/bench_train_modes.py",
+}
 
 
 def dry_run() -> bool:
@@ -56,7 +73,7 @@ def load() -> dict:
 def save(results: dict) -> None:
     results["updated"] = now()
     stages = results["stages"].values()
-    results["ok"] = all(s["status"] == "ok" for s in stages)
+    results["ok"] = all(s["status"] in ("ok", "not_selected") for s in stages)
     os.makedirs(out_dir(), exist_ok=True)
     tmp = results_path() + ".tmp"
     with open(tmp, "w") as f:
@@ -238,12 +255,13 @@ ATTENTION_TESTS = "tests/ops/test_qformer_attention_triton.py"
 ATTENTION_BENCH = "benchmarks/bench_qformer_attention.py"
 
 
-def _pytest(args: list[str], timeout: float) -> tuple[int, str]:
+def _pytest(args: list[str], timeout: float, env: Optional[dict] = None) -> tuple[int, str]:
     """Run pytest in a subprocess (its output echoed into this stage's log); (exit code, output). 124 = timed out."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
-    print("$", " ".join(cmd), flush=True)
+    print("$", " ".join(cmd), f"(timeout {timeout:.0f} s)", flush=True)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=None if env is None else {**os.environ, **env})
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -257,7 +275,8 @@ def cmd_attention(_args) -> int:
     replay without host syncs), then benchmarks/bench_qformer_attention.py (Triton vs reference vs SDPA; time,
     TFLOP/s, peak memory, speedups) with its JSON summarised into stages.attention.data. Dry run: the tests are
     collected and skip (no GPU), the benchmark runs at CPU sizes."""
-    rc_tests, log = _pytest(["-m", "cuda", ATTENTION_TESTS], timeout=90 if not dry_run() else 120)
+    deadline = time.time() + _stage_limit(150)
+    rc_tests, log = _pytest(["-m", "cuda", ATTENTION_TESTS], timeout=max(10.0, 0.55 * (deadline - time.time())))
     tests = _pytest_summary(log)
     if rc_tests == 5:
         tests["error"] = "no cuda-marked attention tests collected"
@@ -265,7 +284,8 @@ def cmd_attention(_args) -> int:
     json_path = os.path.join(out_dir(), "bench_attention.json")
     if os.path.exists(json_path):
         os.remove(json_path)  # never summarise a previous run's numbers
-    rc_bench, log = _pytest([ATTENTION_BENCH, f"--benchmark-json={json_path}"], timeout=55 if not dry_run() else 120)
+    rc_bench, log = _pytest([ATTENTION_BENCH, f"--benchmark-json={json_path}"],
+                            timeout=max(10.0, deadline - time.time()))
     rows, speedups = [], {}
     try:
         with open(json_path) as f:
@@ -278,13 +298,142 @@ def cmd_attention(_args) -> int:
             speedups.setdefault(key, {})[info.get("impl")] = info.get("speedup_vs_torch")
     except (OSError, ValueError) as e:
         rows = [{"error": f"no benchmark JSON ({type(e).__name__}: {e})"}]
+    _, op_rows, _ = _read_rows(json_path)  # the same rows in report.py's form, for the README table
     put_data("attention", {"bench": rows, "speedup_vs_torch": speedups, "bench_rc": rc_bench,
-                           "bench_json": os.path.basename(json_path)})
+                           "bench_json": os.path.basename(json_path), "op_rows": op_rows})
     if rc_tests != 0:
         print(f"attention: cuda-marked attention tests failed (pytest exit code {rc_tests})", file=sys.stderr)
     if rc_bench != 0:
         print(f"attention: benchmark failed (pytest exit code {rc_bench})", file=sys.stderr)
     return 0 if rc_tests == 0 and rc_bench == 0 else 1
+
+
+def _stage_limit(default: float) -> float:
+    """Seconds this stage may still use (run.sh passes its limit), minus a margin for summarising."""
+    try:
+        limit = float(os.environ.get("BLIP2FAST_STAGE_LIMIT_S", default))
+    except ValueError:
+        limit = default
+    return max(10.0, limit - 8.0)
+
+
+def _report():
+    """benchmarks/report.py (standard library only), for its row readers."""
+    if BENCH_DIR not in sys.path:
+        sys.path.insert(0, BENCH_DIR)
+    import report
+
+    return report
+
+
+def _read_rows(json_path: str, jsonl_path: Optional[str] = None) -> tuple[list, list, str]:
+    """(e2e rows, op rows, source) from a pytest-benchmark JSON, else from the rows the tests appended one by one
+    to `jsonl_path` (what is left when pytest was stopped before writing its JSON)."""
+    report = _report()
+    try:
+        with open(json_path) as f:
+            e2e, ops = report.rows_from(json.load(f))
+        return e2e, ops, os.path.basename(json_path)
+    except (OSError, ValueError):
+        pass
+    rows = []
+    if jsonl_path and os.path.exists(jsonl_path):
+        with open(jsonl_path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    e2e = [r for r in rows if "bench" in r and "samples_per_s" in r]
+    ops = [r for r in rows if r not in e2e]
+    return e2e, ops, (os.path.basename(jsonl_path) + " (partial)") if rows else "none"
+
+
+def _e2e_summary(rows: list) -> str:
+    """One line: each benchmark's blip2fast samples/s, speedups and MFU."""
+    parts = []
+    ours = [r for r in rows if r.get("impl") == "blip2fast"]
+    for r in ours or rows:  # bench_train_modes.py's rows are modes (eager, cuda_graphs, ...), not blip2fast vs peers
+        sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in (r.get("speedup_vs") or {}).items())
+        mfu = r.get("mfu")
+        name = r["bench"] if ours else f"{r['bench']}[{r.get('impl')}]"
+        parts.append(f"{name}: {r['samples_per_s']:.4g} samples/s" + (f" ({sp})" if sp else "")
+                     + ("" if mfu is None else f", MFU {100 * mfu:.1f}%"))
+    return "; ".join(parts)
+
+
+def cmd_e2e(args) -> int:
+    """One end-to-end benchmark file (E2E_FILES[stage]) in a pytest subprocess; its rows into the stage's data."""
+    stage = args.stage
+    rel = E2E_FILES[stage]
+    if not os.path.exists(os.path.join(ROOT, rel)):  # e.g. bench_train_modes.py before it lands: nothing to run
+        put_data(stage, {"skipped": f"{rel} not found"})
+        print(f"{stage}: {rel} not found, nothing to run")
+        return 0
+    json_path = os.path.join(out_dir(), f"bench_{stage}.json")
+    jsonl_path = os.path.join(out_dir(), f"rows_{stage}.jsonl")
+    for p in (json_path, jsonl_path):
+        if os.path.exists(p):
+            os.remove(p)  # never summarise a previous run's numbers
+    rc, log = _pytest([rel, f"--benchmark-json={json_path}"], timeout=_stage_limit(300),
+                      env={"BLIP2FAST_ROWS_JSONL": jsonl_path})
+    e2e, ops, source = _read_rows(json_path, jsonl_path)
+    summary = _e2e_summary(e2e)
+    put_data(stage, {"e2e_rows": e2e, "op_rows": ops, "rows_from": source, "tests": _pytest_summary(log),
+                     "pytest_rc": rc, "summary": summary})
+    print(f"{stage} rows: {summary or 'none'}")
+    if rc != 0:
+        print(f"{stage}: pytest exit code {rc} ({'stopped at the stage limit' if rc == 124 else 'see the log'}); "
+              f"{len(e2e) + len(ops)} rows kept", file=sys.stderr)
+    return 0 if rc == 0 else 1
+
+
+OWN_STAGE_BENCHES = {os.path.basename(p) for p in E2E_FILES.values()} | {os.path.basename(ATTENTION_BENCH)}
+
+
+def cmd_ops(_args) -> int:
+    """Every other benchmarks/bench_*.py (the per-op benchmarks: ITC loss, ITM sampling, LayerNorm, linear CE, ...),
+    each in its own pytest under what is left of the stage's time, rows rewritten after each file."""
+    files = sorted(f for f in os.listdir(BENCH_DIR)
+                   if f.startswith("bench_") and f.endswith(".py") and f not in OWN_STAGE_BENCHES)
+    deadline = time.time() + _stage_limit(300)
+    all_rows, results, failed = [], {}, []
+    for f in files:
+        left = deadline - time.time()
+        if left < 10:
+            results[f] = {"status": "skipped", "reason": "no time left in the stage"}
+            failed.append(f)
+            continue
+        stem = f[:-3]
+        json_path = os.path.join(out_dir(), f"{stem}.json")
+        if os.path.exists(json_path):
+            os.remove(json_path)
+        rc, log = _pytest([f"benchmarks/{f}", f"--benchmark-json={json_path}"], timeout=left)
+        _, ops, source = _read_rows(json_path)
+        for r in ops:
+            r.setdefault("bench_file", f)
+        all_rows += ops
+        results[f] = {"rc": rc, "rows": len(ops), "json": source, "tests": _pytest_summary(log)}
+        if rc != 0:
+            failed.append(f)
+        put_data("ops", {"files": results, "op_rows": all_rows})
+    put_data("ops", {"files": results, "op_rows": all_rows, "failed": failed})
+    if not files:
+        print("ops: no per-op benchmark files found", file=sys.stderr)
+        return 1
+    print(f"ops: {len(files) - len(failed)}/{len(files)} files ok, {len(all_rows)} rows")
+    if failed:
+        print(f"ops: failed or skipped: {', '.join(failed)}", file=sys.stderr)
+    return 0 if not failed else 1
+
+
+def cmd_not_selected(args) -> int:
+    results = load()
+    st = results["stages"].setdefault(args.stage, {"status": "pending", "seconds": None, "data": {}})
+    st.update(status="not_selected", message="not in BLIP2FAST_STAGES")
+    save(results)
+    print(f"stage {args.stage}: not selected")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,6 +505,11 @@ def main() -> int:
     sub.add_parser("verify-build")
     sub.add_parser("bench")
     sub.add_parser("attention")
+    sub.add_parser("ops")
+    e = sub.add_parser("e2e")
+    e.add_argument("--stage", required=True, choices=sorted(E2E_FILES))
+    n = sub.add_parser("not-selected")
+    n.add_argument("--stage", required=True)
     f = sub.add_parser("finish")
     f.add_argument("--stage", required=True)
     f.add_argument("--rc", type=int, required=True)
@@ -366,7 +520,8 @@ def main() -> int:
     f.add_argument("--skip-reason", default="")
     args = p.parse_args()
     return {"init": cmd_init, "env": cmd_env, "verify-build": cmd_verify_build, "bench": cmd_bench,
-            "attention": cmd_attention, "finish": cmd_finish}[args.cmd](args)
+            "attention": cmd_attention, "ops": cmd_ops, "e2e": cmd_e2e, "not-selected": cmd_not_selected,
+            "finish": cmd_finish}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def qformer_attention_ref(
 #             blip2fast::qformer_attention / blip2fast::qformer_attention_backward (custom_op + register_fake +
 #             register_autograd, so torch.compile(fullgraph=True) and CUDA graphs see them); CUDA tensors, or CPU
 #             tensors under TRITON_INTERPRET=1 (tests); fp32/fp16/bf16 (bf16 on CUDA only); head dims 16/32/64/128.
-# Automatic: triton when it can take the input on a GPU, else torch; on the CPU always torch.
+# Automatic: torch on the CPU; on CUDA the order the GPU check script measured fastest (dispatch.gpu_order), torch
+# until a measurement is committed.
 
 BACKENDS = ("torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -180,15 +181,14 @@ def _triton_unsupported(q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[T
 
 
 def _choose_backend(q, k, v, key_padding, kv_index, dropout, backend: Optional[str]) -> str:
-    from .dispatch import choose_backend
+    from .dispatch import choose_backend, gpu_order
 
     return choose_backend(
         "qformer_attention", backend,
         {"torch": lambda: [], "triton": lambda: _triton_unsupported(q, k, v, key_padding, kv_index, dropout)},
-        # torch (SDPA) stays the automatic choice everywhere until the GPU check script has measured the Triton
-        # kernel on a GPU (it has been verified under the interpreter and lowered for sm_90, never run on a GPU):
-        # ask for it with backend="triton" or BLIP2FAST_BACKEND=triton
-        automatic=("torch",),
+        # on CUDA the order the GPU check script measured fastest (dispatch.gpu_order); torch (SDPA) until then,
+        # and always on the CPU. Ask for the kernel with backend="triton" or BLIP2FAST_BACKEND=triton
+        automatic=gpu_order("qformer_attention", ("torch",)) if q.device.type == "cuda" else ("torch",),
         what="Q-Former attention",
     )
 
@@ -295,8 +295,8 @@ def qformer_attention(
 
     q: (B, H, Lq, d); k, v: (Bk, H, Lk, d) (Bk = B, or any Bk with `kv_index` (B,) int64).
     key_padding: (B, Lk) mask (nonzero = real key) or (B,) integer key lengths (keys [0, len) real).
-    backend: "torch" | "triton" | None (BLIP2FAST_BACKEND if set, else automatic: torch until the Triton kernel has
-    been measured on a GPU). A requested backend that cannot take the input raises with the reasons.
+    backend: "torch" | "triton" | None (BLIP2FAST_BACKEND if set, else automatic: torch on the CPU; on CUDA the
+    order the GPU check measured fastest, torch until measured). A requested backend that cannot take the input raises with the reasons.
     Returns (B, H, Lq, d) in q's dtype (the Triton output is laid out as (B, Lq, H, d) in memory).
     """
     _check_inputs(q, k, v, key_padding, causal_prefix, kv_index, dropout)

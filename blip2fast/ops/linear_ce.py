@@ -265,11 +265,12 @@ def linear_cross_entropy(
     backend: "torch" | "triton" | None (BLIP2FAST_BACKEND, else automatic: torch on the CPU; on CUDA the order
     the GPU check measured fastest, torch until then).
     """
-    _check_inputs(hidden, weight, bias, targets, label_smoothing, chunk_size)
-    if torch.is_autocast_enabled(hidden.device.type):  # F.linear would run in the autocast dtype: so do we
+    # F.linear would run in the autocast dtype: so do we (before the dtype check, which then sees one dtype)
+    if hidden.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    _check_inputs(hidden, weight, bias, targets, label_smoothing, chunk_size)
     targets = targets.long()
     eps = float(label_smoothing)
     count = (targets != IGNORE_INDEX).sum()

@@ -562,3 +562,14 @@ def test_cuda_peak_memory_is_far_below_the_logits():
         peak = torch.cuda.max_memory_allocated() - base
         h.grad = None
         assert peak < N * V * 4 / 2, f"{backend}: peak {peak / 2**20:.0f} MB vs fp32 logits {N * V * 4 / 2**20:.0f} MB"
+
+
+def test_cpu_autocast_casts_mixed_dtypes_before_checking():
+    """Under autocast a bf16 hidden with an fp32 weight is what F.linear accepts: the op casts first, then checks."""
+    hidden, weight, bias, targets = make_case(7, 13, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, count = linear_cross_entropy(hidden.bfloat16(), weight.float(), bias.float(), targets, backend="torch")
+    want, _ = linear_cross_entropy_ref(hidden.bfloat16().double(), weight.bfloat16().double(),
+                                       bias.bfloat16().double(), targets)
+    assert int(count) == int((targets != -100).sum())
+    assert abs(float(loss) - float(want)) <= 1e-2 * abs(float(want))

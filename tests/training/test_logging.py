@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blip2fast.models.blip2 import Blip2
 from blip2fast.training.config import demo_model
-from blip2fast.training.logging import MetricLogger, peak_flops, read_metrics, step_flops_per_sample, vision_flops
+from blip2fast.flops import vision_flops
+from blip2fast.training.logging import MetricLogger, peak_flops, read_metrics, step_flops_per_sample
 
 
 def test_progress_line_and_jsonl(tmp_path):

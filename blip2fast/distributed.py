@@ -61,6 +61,100 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def _owned(index: Tensor, source: int, rows: int, ndim: int) -> tuple[Tensor, Tensor]:
+    """(local row of each requested global index in `source`'s shard (clamped into range), whether `source` owns
+    it, shaped to broadcast over a (len(index), ...) tensor of `ndim` dims)."""
+    local = index - source * rows
+    owned = (local >= 0) & (local < rows)
+    return local.clamp(0, rows - 1), owned.view((-1,) + (1,) * (ndim - 1))
+
+
+def _gather_rows_forward(x: Tensor, index: Tensor) -> Tensor:
+    """out[i] = (concatenation of every rank's x)[index[i]], holding at most one other rank's shard at a time."""
+    rank, n = world()
+    rows = x.shape[0]
+    x = x.contiguous()
+    out = x.new_zeros((index.shape[0],) + tuple(x.shape[1:]))
+    shard = torch.empty_like(x)  # receives each other rank's shard in turn
+    for source in range(n):
+        src = x if source == rank else shard
+        dist.broadcast(src, src=source)
+        local, owned = _owned(index, source, rows, x.dim())
+        out = torch.where(owned, src.index_select(0, local), out)
+    return out
+
+
+class _GatherRowsWithGrad(torch.autograd.Function):
+    """Forward: `_gather_rows_forward`. Backward: for each source rank, the gradients of the rows picked from it
+    are scattered into a (rows, ...) buffer and summed onto that rank (`dist.reduce`), which keeps the sum as the
+    gradient of its own shard."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return _gather_rows_forward(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        rank, n = world()
+        rows = ctx.rows
+        grad = grad.contiguous()
+        mine = None
+        for source in range(n):
+            local, owned = _owned(index, source, rows, grad.dim())
+            part = grad.new_zeros((rows,) + tuple(grad.shape[1:]))
+            part.index_add_(0, local, grad.masked_fill(~owned, 0))
+            dist.reduce(part, dst=source)  # sum over the ranks that picked rows of `source`
+            if source == rank:
+                mine = part
+        return mine, None
+
+
+def _check_rows(x: Tensor, index: Tensor) -> None:
+    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index must be a 1-D integer tensor of global row numbers, got {index.dtype} "
+                         f"{tuple(index.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have a row dimension (dim 0)")
+
+
+def gather_rows_with_grad(x: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` (global numbers: rank r's shard holds rows [r * B, (r + 1) * B)) of the concatenation of every
+    rank's `x` (B, ...), with autograd: each picked row's gradient is sent back to its owner and added to the
+    owner's gradient of `x`. Every rank calls it with its own `x` (same shape on all ranks) and `index` (same
+    length on all ranks). One process: `x.index_select(0, index)`.
+
+    What moves, with fixed shapes and no host synchronisation: for each source rank s, a broadcast of s's shard,
+    from which every rank immediately keeps the rows it asked for (torch.where into a (len(index), ...) buffer);
+    backward, for each s, a (B, ...) buffer of the gradients every rank holds for s's rows, summed onto s
+    (`dist.reduce`). Peak extra memory is one shard plus the output, O(B) rows, where an all-gather holds
+    world x B rows (and its backward a world x B gradient).
+
+    Bytes on the wire are NOT reduced: every rank still receives every other rank's whole shard (the volume of an
+    all-gather) and sends a whole shard-sized gradient per source (the volume of a reduce-scatter). Sending only
+    the requested rows would need each pair's row count on the host before the transfer (a device-to-host sync
+    per step, and data-dependent shapes); with fixed shapes the worst case (all of a rank's rows requested from one
+    source) sets the size anyway. Indices outside [0, world * B) give zero rows (values are never checked: that
+    would be a sync)."""
+    _check_rows(x, index)
+    _, n = world()
+    if n == 1:
+        return x.index_select(0, index)
+    return _GatherRowsWithGrad.apply(x, index)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """`gather_rows_with_grad` without autograd (integer tensors such as token ids, or detached features)."""
+    _check_rows(x, index)
+    _, n = world()
+    if n == 1:
+        return x.detach().index_select(0, index)
+    with torch.no_grad():
+        return _gather_rows_forward(x.detach(), index)
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum over ranks, out of place and without autograd (counts, statistics)."""
     _, n = world()

@@ -33,3 +33,46 @@ def global_batch():
     ids[:, 0] = 101
     ids[torch.arange(GLOBAL_BATCH), lengths - 1] = 102
     return images, ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ training steps
+TRAIN_STEPS = 3  # optimiser steps compared between 1 and 2 processes
+LR = 1e-3
+
+
+def step_batches():
+    """One global batch per optimiser step (different images and texts each step)."""
+    out = []
+    for s in range(TRAIN_STEPS):
+        images, ids, mask = global_batch()
+        g = torch.Generator().manual_seed(1000 + s)
+        perm = torch.randperm(GLOBAL_BATCH, generator=g)
+        out.append({"pixel_values": images[perm] + 0.1 * s, "input_ids": ids[perm], "attention_mask": mask[perm]})
+    return out
+
+
+def make_stepper(model, module, world_size: int):
+    """The trainer's own step (blip2fast.training.step.TrainStep) with AdamW, clipping and the device lr schedule
+    (warmup 2 of 10 steps: the lr changes every step)."""
+    from blip2fast.training.optim import build_optimizer
+    from blip2fast.training.step import TrainStep
+
+    opt = build_optimizer(model, LR, weight_decay=0.05)  # fused where torch has it, as the trainer
+    return TrainStep(model, module, opt, seed=SEED_STEP[0], accum=1, grad_clip=1.0, schedule=(LR, 2, 10, LR / 10),
+                     device=torch.device("cpu"), world_size=world_size, amp=False)
+
+
+def shard(batch: dict, rank: int, world: int) -> dict:
+    B = GLOBAL_BATCH // world
+    return {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
+
+
+def gather_rows_case():
+    """Per-rank inputs of the gather_rows test: x (3, 4, 5) per rank, 4 requested global rows per rank (both
+    shards, a repeat), and a weight per rank for a scalar loss over the picked rows."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)  # [rank] -> that rank's shard
+    index = torch.tensor([[4, 0, 4, 2], [1, 5, 3, 1]])  # [rank] -> requested global rows (0..5)
+    weight = torch.randn(2, 4, 4, 5, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 1000, (2, 3, 7), generator=g)
+    return x, index, weight, ids

@@ -25,9 +25,10 @@ from torch import Tensor, nn
 from .. import distributed as dist_utils
 from ..config import Blip2Config
 from ..ops import hashing
+from ..ops.itc_loss import itc_loss
 from ..ops.itm_sampling import itm_sample_negatives
-from ..ops.losses import (itc_loss_ref, itc_similarities, lm_loss_sum_ref, mean_over_global_count, token_ce_sum_ref,
-                          upcast)
+from ..ops.linear_ce import linear_cross_entropy
+from ..ops.losses import mean_over_global_count, token_ce_sum_ref, upcast
 from .qformer import PASS_ITG, PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
 from .vision import build_vision_tower, check_pixel_values, freeze_
 
@@ -37,7 +38,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class Stage2Output:
     loss: Tensor  # mean token cross-entropy (global token count across ranks)
-    logits: Tensor  # only where labels are predicted: (B, T-1, V) decoder-only, (B, T_dec, V) encoder-decoder
+    # only where labels are predicted: (B, T-1, V) decoder-only, (B, T_dec, V) encoder-decoder; None when the output
+    # layer was fused with the loss (the default where models.llm.output_head allows it; return_logits=True for them)
+    logits: Optional[Tensor]
     num_tokens: Tensor  # this rank's non-ignored label tokens (int64 scalar)
 
 
@@ -252,8 +255,9 @@ class Blip2(nn.Module):
         # ---- ITC
         gather = dist_utils.all_gather_with_grad if cfg.itc_gather_with_grad else dist_utils.all_gather_no_grad
         image_all, text_all = gather(image_feats), gather(text_feat)
-        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, self.temperature())
-        loss_itc = itc_loss_ref(sim_i2t, sim_t2i, rows, cfg.itc_label_smoothing)
+        # fused op (backend: BLIP2FAST_BACKEND > automatic); sim_i2t / sim_t2i come back float32 and detached
+        loss_itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, image_all, text_all, self.temperature(), rows,
+                                              cfg.itc_label_smoothing)
 
         # ---- ITM
         fallback = None
@@ -285,8 +289,13 @@ class Blip2(nn.Module):
         decoder_ids[:, 0] = q.dec_token_id
         labels = decoder_ids.masked_fill(decoder_ids == q.pad_token_id, -100)
         itg_states = self.qformer.itg_pass(decoder_ids, attention_mask, query_cache, self._dropout(rows, PASS_ITG))
-        itg_logits = self.qformer.lm_head(itg_states)
-        loss_sum, count = lm_loss_sum_ref(itg_logits, labels, cfg.itg_label_smoothing)
+        # LM head fused with the loss (ops.linear_ce): position t predicts label t + 1, and the (B (T-1), vocab)
+        # logits never exist in full; they are computed for return_details only
+        head = self.qformer.lm_head
+        itg_hidden = head.transform(itg_states[:, :-1]).reshape(-1, itg_states.shape[-1])
+        loss_sum, count = linear_cross_entropy(itg_hidden, head.weight, head.bias, labels[:, 1:].reshape(-1),
+                                               cfg.itg_label_smoothing)
+        itg_logits = head(itg_states) if return_details else None
         global_count = dist_utils.all_reduce_sum(count) if world > 1 else None
         loss_itg = mean_over_global_count(loss_sum, count, global_count, world)
 
@@ -317,20 +326,22 @@ class Blip2(nn.Module):
         local = torch.arange(B, device=dev)
         if world == 1:
             kv, neg_slot = image_kv, neg_image
-            ids_all, mask_all = input_ids, attention_mask
+            neg_ids, neg_mask = input_ids.index_select(0, neg_text), attention_mask.index_select(0, neg_text)
         else:
-            # The negatives may live on other ranks: gather the image embeddings (with gradient, ln_vision is
-            # trainable) and project only the B chosen negatives; the local images' K/V are reused.
-            neg_embeds = dist_utils.all_gather_with_grad(image_embeds).index_select(0, neg_image)
+            # The negatives may live on other ranks: fetch only the B chosen image embeddings (with gradient,
+            # ln_vision is trainable; distributed.gather_rows_with_grad keeps O(B) rows in memory, not
+            # world x B) and project just those; the local images' K/V are reused.
+            neg_embeds = dist_utils.gather_rows_with_grad(image_embeds, neg_image)
             neg_kv = self.qformer.image_kv(neg_embeds)
             kv = [None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
                   for a, b in zip(image_kv, neg_kv)]
             neg_slot = B + local
-            ids_all = dist_utils.all_gather_no_grad(input_ids)
-            mask_all = dist_utils.all_gather_no_grad(attention_mask)
+            # ids and mask travel together: one exchange instead of two
+            text = dist_utils.gather_rows(torch.stack([input_ids, attention_mask.to(input_ids.dtype)], 1), neg_text)
+            neg_ids, neg_mask = text[:, 0], text[:, 1].to(attention_mask.dtype)
         image_index = torch.cat([local, neg_slot, local])
-        text_ids = torch.cat([input_ids, input_ids, ids_all.index_select(0, neg_text)])
-        text_mask = torch.cat([attention_mask, attention_mask, mask_all.index_select(0, neg_text)])
+        text_ids = torch.cat([input_ids, input_ids, neg_ids])
+        text_mask = torch.cat([attention_mask, attention_mask, neg_mask])
         B_all = B * world
         itm_rows = torch.cat([local, local + B_all, local + 2 * B_all]) + rank * B
         states = self.qformer.itm_pass(self._queries(3 * B), text_ids, text_mask, kv, image_index,
@@ -365,14 +376,19 @@ class Blip2(nn.Module):
         return torch.cat([prompt, text], dim=1), torch.cat([ones, attention_mask.to(ones.dtype)], dim=1)
 
     def stage2_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                    labels: Tensor) -> Stage2Output:
+                    labels: Tensor, return_logits: bool = False) -> Stage2Output:
         """Language-modelling loss through the frozen LLM, conditioned on the soft prompt.
 
         Decoder-only: `input_ids` are the text after the prompt (BOS first), `labels` the same positions with -100
         where no loss is wanted; position t predicts labels[t + 1]. Encoder-decoder: `input_ids` feed the encoder
         after the queries (the caption prefix, may be all padding), `labels` are the decoder targets. The LM head
-        runs only on the positions that predict labels, never on the query positions."""
-        from .llm import is_encoder_decoder, takes_logits_to_keep
+        runs only on the positions that predict labels, never on the query positions.
+
+        The output layer is fused with the loss (ops.linear_cross_entropy: the (tokens, vocabulary) logits never
+        exist) wherever models.llm.output_head can express it; Stage2Output.logits is then None. return_logits=True
+        (or an architecture the fused path cannot express, e.g. final logit soft-capping) runs the LLM's own head
+        and returns the logits."""
+        from .llm import is_encoder_decoder, output_head, takes_logits_to_keep, trunk_hidden_states
 
         llm = self._require_llm()
         check_pixel_values(pixel_values, self.config.vision.image_size)
@@ -384,10 +400,15 @@ class Blip2(nn.Module):
                              f"{labels.shape[0]} label rows")
         prompt = self.soft_prompt(pixel_values)
         embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
+        head = None if return_logits else output_head(llm)  # None: the LLM's own head makes the logits
+        logits = hidden = None
         if is_encoder_decoder(llm):
             decoder_ids = llm.prepare_decoder_input_ids_from_labels(labels=labels)
-            logits = llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
-                         use_cache=False).logits
+            if head is not None:
+                hidden = trunk_hidden_states(llm, embeds, mask, decoder_ids)  # (B, T_dec, D)
+            else:
+                logits = llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
+                             use_cache=False).logits
             targets = labels
         else:
             if labels.shape != input_ids.shape:
@@ -395,13 +416,21 @@ class Blip2(nn.Module):
                                  f"{tuple(input_ids.shape)}")
             Q, T = prompt.shape[1], input_ids.shape[1]
             predicting = torch.arange(Q, Q + T - 1, device=embeds.device)  # text positions 0..T-2
-            if takes_logits_to_keep(llm):
+            if head is not None:
+                hidden = trunk_hidden_states(llm, embeds, mask)[:, Q:Q + T - 1]  # (B, T-1, D)
+            elif takes_logits_to_keep(llm):
                 logits = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=predicting,
                              use_cache=False).logits
             else:  # an architecture without logits_to_keep computes every position's logits; keep ours
                 logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, Q:Q + T - 1]
             targets = labels[:, 1:]
-        loss_sum, count = token_ce_sum_ref(logits, targets, 0.0)
+        if hidden is not None:
+            if head.scale is not None:
+                hidden = hidden * head.scale
+            loss_sum, count = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
+                                                   targets.reshape(-1))
+        else:
+            loss_sum, count = token_ce_sum_ref(logits, targets, 0.0)
         _, world = dist_utils.world()
         global_count = dist_utils.all_reduce_sum(count) if world > 1 else None
         return Stage2Output(loss=mean_over_global_count(loss_sum, count, global_count, world), logits=logits,

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import _extension, dispatch
 from .losses import itc_loss_ref, itc_similarities, upcast
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -220,7 +220,6 @@ def _cpp_backward(ctx, grad_loss, *_):
 
 
 def _load_cpp() -> tuple:
-    from . import _extension
 
     status = _extension.load_extension()
     if not status:
@@ -342,3 +341,7 @@ def itc_loss(
     loss, sim_i2t, sim_t2i, _, _, _ = torch.ops.blip2fast.itc_loss_fwd(*feats, temp32, targets.contiguous(),
                                                                        float(label_smoothing))
     return loss, sim_i2t, sim_t2i
+
+
+# Load blip2fast._C at import, never inside a torch.compile trace: the first load takes a lock dynamo cannot trace.
+_extension.load_extension()

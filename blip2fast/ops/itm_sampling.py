@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch, hashing
+from . import _extension, dispatch, hashing
 
 
 def _check(sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor | None = None) -> None:
@@ -88,7 +88,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _cpp_unsupported(sim: Tensor) -> list[str]:
     """Why the compiled op cannot take this input ([] when it can)."""
-    from . import _extension
 
     status = _extension.load_extension()
     if not status:
@@ -175,3 +174,7 @@ def itm_sample_negatives(
         _check(sim, positive, row_ids, seed_step)  # clear errors before the op (also under torch.compile)
         return _itm_sample_negatives_triton(sim, positive, row_ids, seed_step, int(stream))
     return itm_sample_negatives_ref(sim, positive, row_ids, seed_step, stream)
+
+
+# Load blip2fast._C at import, never inside a torch.compile trace: the first load takes a lock dynamo cannot trace.
+_extension.load_extension()

@@ -133,15 +133,21 @@ def find_checkpoint(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (DTensor: an all-gather every rank must join), else `t`."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def model_tensors(model: nn.Module, extra_prefixes: tuple = ()) -> dict:
     """The tensors a checkpoint keeps: parameters that require grad, plus every parameter and buffer under
-    `extra_prefixes` (frozen towers that were randomly initialised)."""
+    `extra_prefixes` (frozen towers that were randomly initialised). FSDP2-sharded tensors come back whole, so
+    with a sharded tower every rank must call this (same order everywhere: the state dict's)."""
     out = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if extra_prefixes:
         for n, t in model.state_dict().items():
             if n.startswith(tuple(p + "." for p in extra_prefixes)):
                 out[n] = t
-    return out
+    return {n: _full(t) for n, t in out.items()}
 
 
 def load_model_tensors(model: nn.Module, tensors: dict, where: str) -> None:
@@ -164,7 +170,12 @@ def load_model_tensors(model: nn.Module, tensors: dict, where: str) -> None:
                          "was started with (its config.json)")
     with torch.no_grad():
         for n, t in tensors.items():
-            state[n].copy_(t)
+            target = state[n]
+            if hasattr(target, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(target.device_mesh.device_type), target.device_mesh, target.placements)
+            target.copy_(t)
 
 
 def optimizer_files(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -179,7 +190,9 @@ def optimizer_files(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
                     tensors[f"{name}/{k}"] = v
                 else:
                     scalars.setdefault(name, {})[k] = v
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g_saved.items() if k != "params"})
+        # a tensor lr (the step's device lr) is saved as its value (JSON); the schedule rewrites it every step
+        groups.append({k: (list(v) if isinstance(v, tuple) else float(v) if torch.is_tensor(v) else v)
+                       for k, v in g_saved.items() if k != "params"})
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -274,8 +287,9 @@ def save_checkpoint(run_dir: str, step: int, *, rank: int, world_size: int, mode
         os.makedirs(tmp)
     barrier()
     files = []
+    tensors = model_tensors(model, extra_prefixes) if model is not None else {}  # every rank: sharded towers
     if rank == 0:
-        write_tensors(os.path.join(tmp, MODEL), model_tensors(model, extra_prefixes), {"step": str(step)})
+        write_tensors(os.path.join(tmp, MODEL), tensors, {"step": str(step)})
         files.append(MODEL)
         sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         if sleep > 0:

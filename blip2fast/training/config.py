@@ -130,6 +130,24 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """Several GPUs / nodes (under torchrun, which sets the ranks). The trainable Q-Former is always replicated
+    (DDP, or one all-reduce per step with --compile / --cuda_graphs)."""
+
+    frozen: str = "replicate"  # frozen towers (ViT, LLM): replicate on every rank, or fsdp: FSDP2-sharded per block
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """How the training step runs (the numbers do not change beyond rounding)."""
+
+    compile: bool = False  # torch.compile the whole step (forward, backward, clipping, AdamW)
+    cuda_graphs: bool = False  # capture the whole step into one CUDA graph after warm-up and replay it (CUDA only)
+    graph_warmup: int = 3  # eager steps (real ones) before the CUDA-graph capture
+    fp8: bool = False  # frozen towers' linear layers in float8 e4m3 (GPU compute capability >= 8.9)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run."""
 
@@ -148,6 +166,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self):
         errors = validate(self)
@@ -197,6 +217,24 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.stage == 1 and cfg.data.batch_size == 1:
         errs.append(f"data.batch_size={cfg.data.batch_size}: stage 1 needs >= 2 (ITM draws a negative from the "
                     "batch)")
+    sp = cfg.speed
+    if cfg.dist.frozen not in ("replicate", "fsdp"):
+        errs.append(f"dist.frozen={cfg.dist.frozen!r}: must be replicate (every rank holds the frozen towers) or "
+                    "fsdp (FSDP2-sharded over the ranks)")
+    if sp.cuda_graphs and cfg.device == "cpu":
+        errs.append("speed.cuda_graphs=true needs a CUDA GPU (device=cpu): CUDA graphs replay captured GPU "
+                    "kernels; drop --cuda_graphs on a CPU (--compile works there)")
+    if sp.cuda_graphs and sp.compile:
+        errs.append("speed.cuda_graphs and speed.compile together: choose one (capturing a compiled step is not "
+                    "supported here)")
+    if cfg.dist.frozen == "fsdp" and sp.cuda_graphs:
+        errs.append("dist.frozen=fsdp with speed.cuda_graphs: FSDP2's all-gathers cannot be captured here; use "
+                    "dist.frozen=replicate (or --fp8 to shrink the towers) with CUDA graphs")
+    if cfg.dist.frozen == "fsdp" and sp.fp8:
+        errs.append("dist.frozen=fsdp with speed.fp8: the float8 towers are buffers, which FSDP2 does not shard; "
+                    "choose one (fp8 already halves a bf16 tower)")
+    if sp.graph_warmup < 1:
+        errs.append(f"speed.graph_warmup={sp.graph_warmup}: must be >= 1 (the capture needs warmed-up state)")
     if cfg.checkpoint.export_only and not cfg.checkpoint.resume:
         errs.append("checkpoint.export_only needs checkpoint.resume (latest or a checkpoint folder) to export from")
     return errs
@@ -607,8 +645,8 @@ def blip2_from_dict(d: dict) -> Blip2Config:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig", "OptimConfig", "PRESETS",
-    "ScheduleConfig", "TrainConfig", "WeightsConfig", "all_keys", "demo", "demo_model", "help_text", "override",
-    "parse_cli", "preset", "stage1_vit_g", "stage1_vit_l", "stage2_flant5xl", "stage2_flant5xxl", "stage2_opt2_7b",
-    "stage2_opt6_7b", "tiny",
+    "CheckpointConfig", "ConfigError", "DataConfig", "DistConfig", "EvalConfig", "LoggingConfig", "OptimConfig",
+    "PRESETS", "ScheduleConfig", "SpeedConfig", "TrainConfig", "WeightsConfig", "all_keys", "demo", "demo_model",
+    "help_text", "override", "parse_cli", "preset", "stage1_vit_g", "stage1_vit_l", "stage2_flant5xl",
+    "stage2_flant5xxl", "stage2_opt2_7b", "stage2_opt6_7b", "tiny",
 ]

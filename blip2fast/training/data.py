@@ -155,7 +155,8 @@ def web_config(cfg: TrainConfig, urls: str, image_size: int) -> WebDataConfig:
     return WebDataConfig(urls=urls, batch_size=d.batch_size, image_size=image_size, num_workers=d.num_workers,
                          prefetch_factor=d.prefetch_factor, seed=cfg.seed, resampled=d.resampled, shuffle=d.shuffle,
                          shuffle_buffer=d.shuffle_buffer, mix_shards=d.mix_shards, train=d.augment,
-                         max_words=d.max_words)
+                         max_words=d.max_words,
+                         drop_last=cfg.speed.cuda_graphs)  # a replayed CUDA graph takes one batch shape
 
 
 def train_loader(cfg: TrainConfig, urls: str, text, image_size: int, rank: int, world_size: int,

@@ -1,15 +1,16 @@
 """The training loop: `Trainer(cfg).fit()`, stage 1 (ITC + ITM + ITG) and stage 2 (soft prompt -> frozen LLM).
 
-One optimiser step (`train_step`):
-    lr from the schedule (a Python float; no sync)
+One optimiser step (`train_step`, run by step.TrainStep: eager, --compile, or --cuda_graphs):
     for each of accum_steps micro-batches:
-        model.set_seed_step(seed, global micro-step)      ITM draws and attention dropout are a function of it
-        forward under bf16 autocast on CUDA (fp32 master weights; frozen towers stored in bf16/fp16)
-        backward of loss / accum_steps (DDP syncs gradients on the last micro-batch only)
-    clip the global grad norm, AdamW step
+        seed_step <- [seed, global micro-step] on device   ITM draws and attention dropout are a function of it
+        forward under bf16 autocast on CUDA (fp32 master weights; frozen towers stored in bf16/fp16, or fp8)
+        gradients of loss / accum_steps (DDP syncs on the last micro-batch; compile / graphs: one all-reduce)
+    clip the global grad norm, lr from the schedule evaluated on device, AdamW (tensor lr)
     -> a device tensor [loss terms..., grad norm]; the loop adds it to a device-side window and reads it (the only
        host<->device sync) every logging.every steps
-No `.item()` inside the step.
+No `.item()`, no host-to-device copy and no data-dependent shape inside the step (tests/training/test_step.py
+compiles the whole step with fullgraph=True, and on a GPU replays it as a CUDA graph under
+torch.cuda.set_sync_debug_mode("error")).
 
 Around it (`fit`): checkpoints every checkpoint.every steps and at the end (checkpoint.py: atomic, last K kept,
 everything needed for an exact resume); SIGTERM / SIGINT save a checkpoint at the next step boundary and stop
@@ -21,14 +22,15 @@ Exact resume: the checkpoint holds the trainable weights, AdamW state, step, the
 each rank's data position (ShardLoader.state_dict()), so a resumed run sees the same batches, the same random
 draws and (with `deterministic=True` on a CPU) bit-identical losses step for step.
 
-Distributed: run under torchrun; the step module is wrapped in DistributedDataParallel, each rank reads its own
-shards, rank 0 prints and writes the shared files, every rank writes its own data position and RNG state into
-the checkpoint folder (a shared filesystem is assumed).
+Distributed: run under torchrun; each rank reads its own shards, rank 0 prints and writes the shared files, every
+rank writes its own data position and RNG state into the checkpoint folder (a shared filesystem is assumed). The
+trainable step module is wrapped in DistributedDataParallel (eager), or its gradients are averaged by one
+all-reduce per step (--compile, --cuda_graphs); the frozen towers are replicated or, with --dist.frozen=fsdp,
+FSDP2-sharded (parallel.py).
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import json
 import os
@@ -44,42 +46,30 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data.captions import stable_hash
-from ..data.shards import to_device
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import demo_cache_root, ensure_demo_shards, heldout_batch, text_encoder, train_loader
 from .evaluate import evaluate_retrieval, format_retrieval
 from .logging import MetricLogger, peak_flops, step_flops_per_sample
 from .model import build_model
-from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from .optim import build_optimizer, lr_at
+from .parallel import shard_frozen_towers_, wrap_ddp
+from .step import StepModule, TrainStep
 
 LOSS_NAMES = {1: ("loss", "itc", "itm", "itg"), 2: ("loss",)}
 RUNS_ROOT = "runs"
 
 
-class StepModule(nn.Module):
-    """One micro-batch -> the stacked loss terms (what DDP wraps, so it sees one forward per micro-batch)."""
-
-    def __init__(self, model: nn.Module, stage: int):
-        super().__init__()
-        self.model, self.stage = model, stage
-
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                labels: Optional[Tensor] = None) -> Tensor:
-        if self.stage == 1:
-            out = self.model.stage1_loss(pixel_values, input_ids, attention_mask)
-            return torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_itg]).float()
-        return self.model.stage2_loss(pixel_values, input_ids, attention_mask, labels).loss.float().reshape(1)
-
-
 # ------------------------------------------------------------------------------------------------ setup helpers
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(cuda_graphs: bool = False) -> tuple[int, int, int]:
     """(rank, world size, local rank); starts the process group under torchrun (WORLD_SIZE > 1)."""
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_env > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
+        if cuda_graphs:  # captured NCCL collectives: torch's CUDA-graph notes ask for this before the group starts
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), local_rank
@@ -173,11 +163,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, print_fn: Callable[[str], None] = print):
         self.t_start = time.perf_counter()
         self.cfg = cfg
-        self.rank, self.world_size, local_rank = init_distributed()
+        self.rank, self.world_size, local_rank = init_distributed(cfg.speed.cuda_graphs)
         self._print = print_fn
         if cfg.deterministic:  # before any CUDA work: cuBLAS reads this when it starts
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.device = pick_device(cfg.device, local_rank)
+        check_speed_options(cfg, self.device)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         self.stage = cfg.stage
@@ -186,24 +177,26 @@ class Trainer:
         run = resolve_run(cfg, self.rank, self.log) if self.rank == 0 else None
         self.run_dir, resume_path = _broadcast(run, self.world_size)
 
-        # model + optimiser
+        # model (+ fp8 / FSDP2 towers) + optimiser
         self.model, self.extra_prefixes, notes = build_model(cfg, self.device, self.log)
         self.model_config = self.model.config
+        flops = step_flops_per_sample(self.model, self.model_config, cfg.stage, self._text_len())  # before fp8
+        notes += self._transform_towers()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps, o.fused)
+        self.mode = "cuda_graphs" if cfg.speed.cuda_graphs else "compile" if cfg.speed.compile else "eager"
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps,
+                                         **optimizer_flags(o.fused, self.mode, self.device))
         self.step_module: nn.Module = StepModule(self.model, cfg.stage)
         self.ddp = None
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # every rank builds the same model from the same seed and files: no start-up broadcast (init_sync);
-            # seed_step is set identically on every rank: no buffer syncing either
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                              inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
-            self.ddp = DDP(self.step_module, device_ids=ids, init_sync=False, **no_buffer_sync)
-            self.step_module = self.ddp
+        if self.world_size > 1 and self.mode == "eager":
+            self.ddp = wrap_ddp(self.step_module, self.device)
+        if self.mode != "eager":
+            what = (f"captured after {cfg.speed.graph_warmup} eager warm-up steps, then replayed"
+                    if self.mode == "cuda_graphs" else "torch.compile of the whole step")
+            notes.append(f"step: {self.mode} ({what})"
+                         + ("; gradients averaged by one all-reduce per step" if self.world_size > 1 else ""))
+        self.stepper: Optional[TrainStep] = None  # built once the optimiser state is final (after a resume)
 
         # data
         image_size = self.model_config.vision.image_size
@@ -221,11 +214,10 @@ class Trainer:
         self.loader = train_loader(cfg, train_urls, self.text, image_size, self.rank, self.world_size,
                                    pin_memory=self.device.type == "cuda")
         self.heldout = None
-        if eval_urls and cfg.stage == 1 and self.rank == 0:
+        if eval_urls and cfg.stage == 1 and (self.rank == 0 or self.sharded):
             self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size)
 
         # logging
-        flops = step_flops_per_sample(self.model, self.model_config, cfg.stage, self._text_len())
         peak = peak_flops(self.device, cfg.logging.peak_tflops)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -239,6 +231,12 @@ class Trainer:
         self.resumed_from = None
         if resume_path is not None:
             self._load(resume_path)
+        self.stepper = TrainStep(self.model, self.ddp or self.step_module, self.optimizer, seed=cfg.seed,
+                                 accum=cfg.schedule.accum_steps, grad_clip=o.grad_clip,
+                                 schedule=(o.lr, cfg.schedule.warmup_steps, cfg.schedule.steps, cfg.schedule.min_lr),
+                                 device=self.device, world_size=self.world_size, amp=cfg.amp, mode=self.mode,
+                                 graph_warmup=cfg.speed.graph_warmup)
+        self.stepper.set_step(self.step)
         if self.rank == 0:
             ckpt.clean_partial(self.run_dir)
             ckpt.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
@@ -308,13 +306,20 @@ class Trainer:
         self.resumed_from = path
         saved = state["trainer"].get("config", {})
         now = json.loads(json.dumps(self.cfg.to_dict()))  # tuples as lists, as in the saved JSON
-        changed = sorted(k for k in now if k not in ("checkpoint", "logging", "preset") and saved.get(k) != now[k])
+        changed = sorted(k for k in now if k not in ("checkpoint", "logging", "preset", "speed", "dist")
+                         and saved.get(k) != now[k])
         if changed:
             self.log(f"  note: the config differs from the checkpoint's in {', '.join(changed)} (resuming anyway)")
 
     def export(self) -> Optional[str]:
         """The transformers folder <run dir>/hf (rank 0)."""
         if self.rank != 0:
+            return None
+        if self.sharded or self.cfg.speed.fp8:
+            what = "FSDP-sharded" if self.sharded else "float8"
+            self.log(f"  transformers export skipped: the towers are {what} in this run; export from the checkpoint "
+                     f"in one process without --fp8 / --dist.frozen=fsdp: --resume=<checkpoint> "
+                     "--checkpoint.export_only=true")
             return None
         if self.model_config.vision.kind != "eva":
             self.log(f"  transformers export skipped: its BLIP-2 layout holds an EVA tower only (vision.kind="
@@ -360,25 +365,37 @@ class Trainer:
 
     def train_step(self, micro_batches: list) -> Tensor:
         """One optimiser step on `micro_batches` (schedule.accum_steps dicts from the loader); returns the device
-        tensor [loss terms (mean over micro-batches)..., grad norm] without reading it."""
-        accum = len(micro_batches)
-        set_lr(self.optimizer, self.lr(self.step))
-        terms = None
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, self.device)
-            self.model.set_seed_step(self.cfg.seed, self.step * accum + i)
-            sync = self.ddp.no_sync() if (self.ddp is not None and i < accum - 1) else contextlib.nullcontext()
-            with sync:
-                with self.autocast():
-                    out = self.step_module(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                           batch.get("labels"))
-                (out[0] / accum).backward()
-            out = out.detach()
-            terms = out if terms is None else terms + out
-        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.cat([terms / accum, grad_norm.detach().float().reshape(1).to(terms.device)])
+        tensor [loss terms (mean over micro-batches)..., grad norm] without reading it (step.TrainStep: the lr,
+        the seeds and the step count live on device and advance inside the step)."""
+        return self.stepper(micro_batches)
+
+    def _transform_towers(self) -> list:
+        """--fp8 (float8 tower linears) or --dist.frozen=fsdp (FSDP2-sharded towers); returns notes."""
+        cfg = self.cfg
+        self.sharded = False
+        if cfg.checkpoint.export_only:  # the export needs the towers as they are stored
+            return []
+        notes = []
+        if cfg.speed.fp8:
+            from ..models.fp8 import convert_linears_to_fp8_, require_fp8
+
+            require_fp8(self.device)
+            if "visual_encoder" in self.extra_prefixes:
+                raise ConfigError("--fp8 with a random frozen tower (--weights.vision=random): checkpoints must carry "
+                                  "that tower in its own precision, which the float8 swap discards; give the tower "
+                                  "as a file (--weights.vision=<state dict>) or drop --fp8")
+            notes += ["vision tower: " + n for n in convert_linears_to_fp8_(self.model.visual_encoder)]
+            if cfg.stage == 2:
+                llm = self.model.language_model
+                # the output head stays: the fused LM loss reads its weight directly
+                notes += ["LLM: " + n for n in convert_linears_to_fp8_(llm, skip=(llm.get_output_embeddings(),))]
+        if cfg.dist.frozen == "fsdp":
+            if self.world_size == 1:
+                notes.append("dist.frozen=fsdp with one process: nothing to shard, the towers stay whole")
+            else:
+                notes += shard_frozen_towers_(self.model, self.device, self.world_size)
+                self.sharded = True
+        return notes
 
     def _batches(self):
         """Batches forever; in epoch mode (data.resampled=False) the loader is re-entered for the next epoch and
@@ -418,10 +435,12 @@ class Trainer:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def evaluate(self, when: str) -> Optional[dict]:
-        if self.heldout is None or self.rank != 0:
+        """Held-out retrieval on rank 0 (with FSDP-sharded towers every rank runs it in lockstep, since each tower
+        forward all-gathers; rank 0 logs)."""
+        if self.heldout is None or (self.rank != 0 and not self.sharded):
             return None
         m = evaluate_retrieval(self.model, self.heldout, self.device, autocast=self.autocast())
-        if self.cfg.eval.rerank_k > 0:  # the paper's protocol; rank 0 alone, so no collectives
+        if self.cfg.eval.rerank_k > 0:  # the paper's protocol, on this rank's copy: no ITC / ITM collectives
             from ..eval.retrieval import evaluate_retrieval as paper_protocol
 
             paper = paper_protocol(self.model, [self.heldout], k=self.cfg.eval.rerank_k, distributed=False)
@@ -524,6 +543,31 @@ class Trainer:
         self.logger.event("end", **{k: v for k, v in result.items() if k not in ("history", "first", "last")})
         self.logger.close()
         return result
+
+
+def check_speed_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Flags that need a device this run does not have fail here, naming the flag."""
+    if cfg.speed.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"--cuda_graphs needs a CUDA GPU, but this run is on {device} (torch "
+                          f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}): CUDA graphs replay "
+                          "captured GPU kernels; drop --cuda_graphs (--compile works on a CPU)")
+    if cfg.speed.fp8:
+        from ..models.fp8 import fp8_unsupported
+
+        reasons = fp8_unsupported(device)
+        if reasons:
+            raise ConfigError(f"--fp8 cannot run on {device}: " + "; ".join(reasons))
+
+
+def optimizer_flags(fused: Optional[bool], mode: str, device: torch.device) -> dict:
+    """AdamW's kernel choice per step mode. The step always passes a tensor lr. Eager: fused where torch has it.
+    CUDA graphs: fused + capturable (step counts on device). Compile: capturable foreach, which inductor fuses
+    itself (torch marks its fused AdamW `torch.compiler.disable`: a graph break)."""
+    if mode == "eager":
+        return {"fused": fused}
+    if mode == "cuda_graphs":
+        return {"fused": fused, "capturable": True}
+    return {"fused": False, "capturable": True}
 
 
 def _nonzero(counts: dict) -> dict:

@@ -78,7 +78,11 @@ def test_decoder_only_loss_and_gradients_match_the_straightforward_formulation(k
     px = images(B)
     ids, mask, labels = text_batch(B, T, bos=m.language_model.config.bos_token_id)
     out = m.stage2_loss(px, ids, mask, labels)
-    assert out.logits.shape == (B, T - 1, V), "logits only for the positions that predict a label"
+    assert out.logits is None, "the output layer is fused with the loss: no logits by default"
+    with torch.no_grad():
+        full = m.stage2_loss(px, ids, mask, labels, return_logits=True)
+    assert full.logits.shape == (B, T - 1, V), "logits only for the positions that predict a label"
+    assert rel_err(full.loss, out.loss) < 1e-6
     out.loss.backward()
     ours = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
@@ -86,9 +90,10 @@ def test_decoder_only_loss_and_gradients_match_the_straightforward_formulation(k
     ref.backward()
     assert rel_err(out.loss, ref) < 1e-6
     assert out.num_tokens.item() == int((labels[:, 1:] != -100).sum())
+    scale = max(g.abs().max().item() for g in ours.values())
     for name, p in m.named_parameters():
-        if p.grad is not None:
-            assert rel_err(ours[name], p.grad) < 1e-5, name
+        if p.grad is not None:  # the key biases' true gradient is 0 (softmax is shift-invariant): rounding noise
+            assert rel_err(ours[name], p.grad) < 1e-5 or (ours[name] - p.grad).abs().max() < 1e-9 * scale, name
     assert {n.split(".")[0] for n in ours} <= {"qformer", "query_tokens", "language_projection", "ln_vision"}
     assert "language_projection.weight" in ours and "query_tokens" in ours
 
@@ -112,6 +117,8 @@ def test_lm_head_sees_only_label_predicting_positions():
     try:
         ids, mask, labels = text_batch(B, T)
         m.stage2_loss(images(B), ids, mask, labels)
+        assert seen == [], "the fused path never runs the output layer"
+        m.stage2_loss(images(B), ids, mask, labels, return_logits=True)
     finally:
         handle.remove()
     assert seen == [torch.Size([B, T - 1, 32])], seen  # not Q + T rows
@@ -130,7 +137,9 @@ def test_encoder_decoder_loss_matches_t5_own_loss_and_uses_exact_gelu():
     _, _, labels = text_batch(B, 5, seed=7, bos=5)  # decoder targets
     labels[:, 0] = 7  # T5 targets start with a real token
     out = m.stage2_loss(px, ids, mask, labels)
-    assert out.logits.shape == (B, 5, V)
+    assert out.logits is None
+    with torch.no_grad():
+        assert m.stage2_loss(px, ids, mask, labels, return_logits=True).logits.shape == (B, 5, V)
     prompt = m.language_projection(m.query_output(px))
     embeds = torch.cat([prompt, lm.get_input_embeddings()(ids)], 1)
     full_mask = torch.cat([torch.ones(B, prompt.shape[1], dtype=torch.long), mask], 1)

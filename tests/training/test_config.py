@@ -84,3 +84,24 @@ def test_help_lists_every_key_with_its_comment(capsys):
     assert "peak learning rate" in out and "stage2_flant5xxl" in out
     assert "--model.llm.*" not in help_text(preset("stage2_opt2.7b"))
     assert "--model.llm.*  (not set in this preset)" in help_text(preset("demo"))
+
+
+def test_speed_and_dist_flags():
+    cfg = parse_cli(["--compile", "--fp8"])  # bare names: each exists in one section only
+    assert cfg.speed.compile is True and cfg.speed.fp8 is True and cfg.speed.cuda_graphs is False
+    cfg = parse_cli(["--cuda_graphs", "--graph_warmup=5", "--fp8"])
+    assert cfg.speed.cuda_graphs and cfg.speed.graph_warmup == 5 and cfg.speed.fp8
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = parse_cli(["--dist.frozen=fsdp", "--compile"])
+    assert cfg.dist.frozen == "fsdp" and TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert parse_cli([]).dist.frozen == "replicate" and not parse_cli([]).speed.compile
+    for argv, match in ((["--dist.frozen=zero3"], "dist.frozen='zero3'"),
+                        (["--cuda_graphs", "--device=cpu"], r"cuda_graphs=true needs a CUDA GPU \(device=cpu\)"),
+                        (["--cuda_graphs", "--compile"], "choose one"),
+                        (["--dist.frozen=fsdp", "--fp8"], "FSDP2 does not shard"),
+                        (["--dist.frozen=fsdp", "--cuda_graphs"], "cannot be captured"),
+                        (["--graph_warmup=0"], "graph_warmup=0")):
+        with pytest.raises(ConfigError, match=match):
+            parse_cli(argv)
+    assert "--speed.cuda_graphs=false" in help_text(preset("demo")) and "--dist.frozen=replicate" in help_text(
+        preset("demo"))

@@ -56,3 +56,30 @@ def test_two_ranks_checkpoint_stop_and_resume(tmp_path, demo_cache):
     assert proc.returncode == 0, text[-3000:]
     assert f"resumed from {path} at step {stopped_at}" in text
     assert ckpt.latest_checkpoint(run_dir).endswith(ckpt.checkpoint_name(stopped_at + 2))
+
+
+def test_two_ranks_with_fsdp_sharded_tower_checkpoint_and_resume(tmp_path, demo_cache):
+    """--dist.frozen=fsdp through the real CLI: the (random) tower is FSDP2-sharded, every rank runs the held-out
+    evaluation in lockstep, the checkpoint carries the tower whole (gathered from the shards) and a resume loads it
+    back into the shards; the transformers export is skipped with the way to get one."""
+    from safetensors import safe_open
+
+    run_dir = str(tmp_path / "run")
+    args = ["--preset=tiny", f"--checkpoint.dir={run_dir}", "--steps=4", "--checkpoint.every=2",
+            "--logging.every=2", "--logging.tensorboard=false", "--batch_size=4", "--num_workers=0",
+            "--eval.size=8", "--device=cpu", "--dist.frozen=fsdp"]
+    proc = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, text[-4000:]
+    assert "dist.frozen=fsdp: vision tower sharded over 2 ranks (2 FSDP2 blocks)" in text, text[-3000:]
+    assert "held-out retrieval (N=8)" in text and "transformers export skipped: the towers are FSDP-sharded" in text
+    path = ckpt.latest_checkpoint(run_dir)
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes["visual_encoder.blocks.0.mlp.fc1.weight"] == (384, 96)  # whole, not a 2-way shard
+    args[args.index("--steps=4")] = "--steps=6"
+    proc = _torchrun([*args, "--resume=latest"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, text[-4000:]
+    assert f"resumed from {path} at step 4" in text
+    assert ckpt.latest_checkpoint(run_dir).endswith(ckpt.checkpoint_name(6))

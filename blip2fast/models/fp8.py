@@ -1,0 +1,249 @@
+"""Float8 (e4m3) matmuls for the frozen towers: a module swap, `convert_linears_to_fp8_(tower)`.
+
+Every nn.Linear of the tower (and the fused-qkv attention layouts of the EVA and CLIP towers, which call
+F.linear on raw weights) becomes an `Fp8Linear`:
+
+    weight   quantised once at conversion: w_fp8 = e4m3(w / s_w), s_w = amax|w| / 448 per output row ("row") or
+             for the whole matrix ("tensor"); kept as buffers (frozen: no parameter, no optimiser state)
+    input    quantised per call (dynamic scaling): s_x = amax|x| / 448 per token row ("row") or per tensor
+    product  torch._scaled_mm(x_fp8, w_fp8^T, s_x, s_w) accumulates in fp32 and returns the tower's dtype
+             (bf16 for row-wise scales on CUDA, cast back if the tower is fp16); the bias is added after
+    backward gradients flow to the input only (stage 2's frozen LLM passes gradients to the soft prompt), through
+             the dequantised weight in the gradient's dtype; the weights never get one
+
+Error: e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4 per element); with per-row scales a K-long dot
+product of independent rounding errors lands around 2-4% of its RMS, and a whole tower drifts a few percent
+(tests/models/test_fp8.py states and checks the bound).
+
+Needs float8 matmul hardware: compute capability >= 8.9 (Ada L4/L40, Hopper H100/H200, Blackwell). The CPU build
+of torch also runs `_scaled_mm` (slowly; tests); `fp8_unsupported(device)` says why a device cannot.
+Matrices whose inner or output size is not a multiple of 16 (a `_scaled_mm` rule) stay in their dtype and are
+reported by the conversion.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # the largest finite e4m3fn value
+GRANULARITIES = ("row", "tensor")
+_TINY = 1e-12  # floor of a scale: an all-zero row quantises to zeros instead of NaN
+
+
+# ------------------------------------------------------------------------------------------------ support
+@functools.lru_cache(maxsize=None)
+def _cpu_scaled_mm_reason() -> str:
+    try:
+        a = torch.ones(16, 16).to(E4M3)
+        one = torch.ones((), dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    except Exception as e:  # an old torch without the CPU kernel
+        return f"torch {torch.__version__} cannot run torch._scaled_mm on the CPU ({type(e).__name__}: {e})"
+    return ""
+
+
+def fp8_unsupported(device: torch.device) -> list[str]:
+    """Why float8 matmuls cannot run on `device` ([] when they can)."""
+    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+        return [f"torch {torch.__version__} has no float8 matmul (torch._scaled_mm / float8_e4m3fn): torch >= 2.4 "
+                "is needed"]
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return ["no CUDA GPU is visible"]
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return [f"{torch.cuda.get_device_name(device)} is compute capability {cap[0]}.{cap[1]}; float8 matmuls "
+                    "need 8.9 or newer (Ada L4/L40, Hopper H100/H200, Blackwell)"]
+        return []
+    if device.type == "cpu":
+        reason = _cpu_scaled_mm_reason()
+        return [reason] if reason else []
+    return [f"no float8 matmul for device type {device.type!r} (CUDA with compute capability >= 8.9, or the CPU)"]
+
+
+def require_fp8(device: torch.device, what: str = "--fp8") -> None:
+    reasons = fp8_unsupported(device)
+    if reasons:
+        raise RuntimeError(f"{what}: float8 matmuls cannot run on {device}: " + "; ".join(reasons))
+
+
+# ------------------------------------------------------------------------------------------------ quantisation
+def quantize(x: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
+    """(e4m3 tensor, float32 scale) with x ~= q * scale; x is 2-D (rows, K). Scale shape: (rows, 1) for "row",
+    () for "tensor"."""
+    x32 = x.float()
+    if granularity == "row":
+        amax = x32.abs().amax(dim=1, keepdim=True)
+    else:
+        amax = x32.abs().amax()
+    scale = (amax / E4M3_MAX).clamp(min=_TINY)
+    return (x32 / scale).to(E4M3), scale
+
+
+def _mm(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, granularity: str, out_dtype: torch.dtype) -> Tensor:
+    xq, x_scale = quantize(x2, granularity)
+    # row-wise scaled_mm on CUDA returns bf16 only; the tower's own dtype comes back with one cast
+    mm_dtype = torch.bfloat16 if (granularity == "row" and x2.is_cuda) else out_dtype
+    out = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=mm_dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """x @ W^T in float8; backward: grad_x = grad @ dequant(W) (W is frozen: no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, w_fp8: Tensor, w_scale: Tensor, granularity: str, out_dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(w_fp8, w_scale)
+        ctx.in_dtype = x2.dtype
+        return _mm(x2, w_fp8, w_scale, granularity, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w_fp8, w_scale = ctx.saved_tensors
+        w = w_fp8.to(grad.dtype) * w_scale.reshape(-1, 1).to(grad.dtype)  # (N, K) dequantised
+        return (grad @ w).to(ctx.in_dtype), None, None, None, None
+
+
+class Fp8Linear(nn.Module):
+    """A frozen Linear whose weight is stored in e4m3 with float32 scales; y = x W^T + b via torch._scaled_mm."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], granularity: str = "row"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r}: one of {GRANULARITIES}")
+        self.out_features, self.in_features = weight.shape
+        self.granularity = granularity
+        self.weight_dtype = weight.dtype
+        w_fp8, w_scale = quantize(weight.detach(), granularity)
+        self.register_buffer("weight_fp8", w_fp8)
+        # _scaled_mm takes the second operand's scales as (1, N) (row) or a scalar (tensor)
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1) if granularity == "row" else w_scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def weight(self) -> Tensor:
+        """A data-less stand-in with the original weight's shape and dtype, for code that inspects a layer
+        (transformers' T5 casts its FFN input to `wo.weight.dtype`). Computing with it fails loudly (meta)."""
+        return torch.empty((self.out_features, self.in_features), dtype=self.weight_dtype, device="meta")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, granularity: str = "row") -> "Fp8Linear":
+        return cls(linear.weight, linear.bias, granularity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        # the dtype nn.Linear would return: autocast's when it is on (e.g. bf16 after an fp32 LayerNorm), else x's
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _Fp8Matmul.apply(x2, self.weight_fp8, self.weight_scale, self.granularity, out_dtype)
+        else:
+            y = _mm(x2, self.weight_fp8, self.weight_scale, self.granularity, out_dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"e4m3 {self.granularity}-wise scales")
+
+
+def fits_scaled_mm(out_features: int, in_features: int) -> bool:
+    """torch._scaled_mm needs the inner and output sizes to be multiples of 16."""
+    return out_features % 16 == 0 and in_features % 16 == 0
+
+
+# ------------------------------------------------------------------------------------------------ attention swaps
+class Fp8EvaAttention(nn.Module):
+    """EvaAttention with its qkv (q/v biases folded into one bias, k's is zero) and proj in float8."""
+
+    def __init__(self, attn: nn.Module, granularity: str):
+        super().__init__()
+        self.heads = attn.heads
+        bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        self.qkv = Fp8Linear(attn.qkv.weight, bias, granularity)
+        self.proj = Fp8Linear.from_linear(attn.proj, granularity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Fp8ClipAttention(nn.Module):
+    """CLIP's FusedSelfAttention (in_proj_weight / in_proj_bias, out_proj) in float8."""
+
+    def __init__(self, attn: nn.Module, granularity: str):
+        super().__init__()
+        self.heads, self.head_dim = attn.heads, attn.head_dim
+        self.in_proj = Fp8Linear(attn.in_proj_weight, attn.in_proj_bias, granularity)
+        self.out_proj = Fp8Linear.from_linear(attn.out_proj, granularity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, w = x.shape
+        qkv = self.in_proj(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, w))
+
+
+def _attention_swap(module: nn.Module, granularity: str) -> Optional[nn.Module]:
+    from .vision import EvaAttention
+    from .vision_clip import FusedSelfAttention
+
+    if isinstance(module, EvaAttention) and fits_scaled_mm(*module.qkv.weight.shape):
+        return Fp8EvaAttention(module, granularity)
+    if isinstance(module, FusedSelfAttention) and fits_scaled_mm(*module.in_proj_weight.shape):
+        return Fp8ClipAttention(module, granularity)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the swap
+def convert_linears_to_fp8_(tower: nn.Module, granularity: str = "row", skip: tuple = ()) -> list[str]:
+    """Replace, in place, every nn.Linear of `tower` (and EVA / CLIP fused attentions) by its float8 version;
+    modules in `skip` (e.g. an LLM's output head, read directly by a fused loss) are left alone. Returns notes:
+    how many layers were converted and which stayed in their dtype (sizes not multiples of 16). The tower must
+    be frozen: weights are copied into float8 buffers and the originals dropped."""
+    if any(p.requires_grad for p in tower.parameters()):
+        raise ValueError("convert_linears_to_fp8_ takes a frozen module (no parameter may require grad): the "
+                         "float8 copies are inference-only")
+    skip_ids = {id(m) for m in skip if m is not None}
+    converted, kept = 0, []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        nonlocal converted
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}{name}"
+            if id(child) in skip_ids:
+                continue
+            swap = _attention_swap(child, granularity)
+            if swap is not None:
+                setattr(parent, name, swap)
+                converted += 2
+                continue
+            if isinstance(child, nn.Linear):
+                if fits_scaled_mm(child.out_features, child.in_features):
+                    setattr(parent, name, Fp8Linear.from_linear(child, granularity))
+                    converted += 1
+                else:
+                    kept.append(f"{path} ({child.out_features}x{child.in_features})")
+                continue
+            visit(child, path + ".")
+
+    visit(tower, "")
+    notes = [f"fp8: {converted} linear layers in float8 e4m3 ({granularity}-wise scales)"]
+    if kept:
+        notes.append(f"fp8: {len(kept)} layers kept in their dtype (sizes not multiples of 16): "
+                     + ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else ""))
+    return notes
+
+
+__all__ = ["E4M3_MAX", "Fp8ClipAttention", "Fp8EvaAttention", "Fp8Linear", "GRANULARITIES",
+           "convert_linears_to_fp8_", "fits_scaled_mm", "fp8_unsupported", "quantize", "require_fp8"]

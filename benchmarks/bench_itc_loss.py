@@ -26,13 +26,13 @@ roofline time max(bytes / 4.8 TB/s, flops / 989 TFLOP/s) over the measured time.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from blip2fast.ops import itc_loss as ops
+from op_timing import median_ms, peak_bytes, sync  # noqa: E402  (benchmarks/ is on sys.path)
 
 # the Triton interpreter converts 1-element arrays to Python ints, which numpy>=1.25 warns of
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
@@ -73,43 +73,6 @@ def make_fn(impl: str, convention: str, inputs):
         loss, _, _ = ops.itc_loss(leaves[0], leaves[1], alls[0], alls[1], temp, targets, 0.1, backend=impl)
         return (loss, *torch.autograd.grad(loss, leaves))
     return run
-
-
-def sync():
-    if GPU:
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):  # Triton compiles on its first call
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        if GPU:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def peak_bytes(fn) -> int | None:
-    if not GPU:
-        return None
-    sync()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    sync()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def roofline(Ba: int, convention: str) -> tuple[float, float]:

@@ -21,13 +21,13 @@ reference's (they must). This is the measurement that orders cpp / triton in the
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
 from blip2fast.ops import _extension, hashing
 from blip2fast.ops.itm_sampling import itm_sample_negatives, itm_sample_negatives_ref
+from op_timing import median_ms, peak_bytes, sync  # noqa: E402  (benchmarks/ is on sys.path)
 
 # the Triton interpreter converts 1-element arrays to Python ints, which numpy>=1.25 warns of
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
@@ -56,43 +56,6 @@ def make_fn(impl: str, args):
     if impl == "torch":
         return lambda: itm_sample_negatives_ref(*args, STREAM)
     return lambda: itm_sample_negatives(*args, STREAM, backend=impl)
-
-
-def sync():
-    if GPU:
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):  # Triton compiles on its first call
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        if GPU:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def peak_bytes(fn) -> int | None:
-    if not GPU:
-        return None
-    sync()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    sync()
-    return torch.cuda.max_memory_allocated() - base
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -23,12 +23,12 @@ and the relative error of the loss against "full".
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
 from blip2fast.ops.linear_ce import linear_cross_entropy, linear_cross_entropy_ref
+from op_timing import median_ms, peak_bytes, sync  # noqa: E402  (benchmarks/ is on sys.path)
 
 # the Triton interpreter converts 1-element arrays to Python ints, which numpy>=1.25 warns of
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
@@ -70,43 +70,6 @@ def make_fn(impl: str, pass_: str, weight_mode: str, hidden, weight, targets):
         loss = loss_of(h, w)
         return (loss.detach(), *torch.autograd.grad(loss, leaves))
     return run
-
-
-def sync():
-    if GPU:
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):  # Triton compiles on its first call
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        if GPU:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def peak_bytes(fn) -> int | None:
-    if not GPU:
-        return None
-    sync()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    sync()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def useful_flops(pass_: str, weight_mode: str) -> float:

@@ -89,7 +89,8 @@ def extension_modules() -> tuple[list, dict]:
     use_cuda = torch_cuda is not None and CUDA_HOME is not None
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "itc_loss_cpu.cpp")]
+    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "itc_loss_cpu.cpp"),
+               os.path.join(CSRC, "dropout_mask_cpu.cpp")]
     cxx_flags = ["-O3"]  # never -ffast-math: the sampler's gumbel noise must be IEEE exact
     if use_cuda:
         sources += [os.path.join(CSRC, "ops_cuda.cpp")] + sorted(glob.glob(os.path.join(CSRC, "*.cu")))

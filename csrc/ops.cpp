@@ -127,12 +127,17 @@ TORCH_LIBRARY(blip2fast, m) {
   m.def("itc_loss_bwd(Tensor grad_loss, Tensor image_feats, Tensor text_feat, Tensor image_all, Tensor text_all, "
         "Tensor temp, Tensor targets, float label_smoothing, Tensor sim_i2t, Tensor sim_t2i, Tensor arg_i2t, "
         "Tensor arg_t2i, Tensor lse, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Hashed attention-dropout keep mask (B, heads, q_len, k_len) bool (dropout_mask_cpu.cpp); the spec is
+  // blip2fast/ops/attention.py:dropout_keep_mask.
+  m.def("attention_dropout_keep(Tensor seed_step, Tensor row_ids, int stream, int site, int heads, int q_len, "
+        "int k_len, int q_offset, int threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(blip2fast, CPU, m) {
   m.impl("itm_sample_negatives", &blip2fast::itm_sample_negatives_cpu);
   m.impl("itc_loss_fwd", &blip2fast::itc_loss_fwd_cpu);
   m.impl("itc_loss_bwd", &blip2fast::itc_loss_bwd_cpu);
+  m.impl("attention_dropout_keep", &blip2fast::attention_dropout_keep_cpu);
 }
 
 // An importable, empty Python module: `import blip2fast._C` runs the static registrations above. No pybind11

@@ -15,6 +15,7 @@ import torch
 
 _EXT_MODULE = "blip2fast._C"
 _ITM_OP = "blip2fast::itm_sample_negatives"
+_DROPOUT_OP = "blip2fast::attention_dropout_keep"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ def _register_fakes() -> None:
         neg = positive.new_empty((sim.shape[0],), dtype=torch.int64)
         n_fallback = positive.new_empty((), dtype=torch.int64)
         return neg, n_fallback
+
+    if hasattr(torch.ops.blip2fast, "attention_dropout_keep"):  # absent from builds older than the op
+        @torch.library.register_fake(_DROPOUT_OP)
+        def _attention_dropout_keep_fake(seed_step, row_ids, stream, site, heads, q_len, k_len, q_offset, threshold):
+            return row_ids.new_empty((row_ids.shape[0], heads, q_len, k_len), dtype=torch.bool)
 
 
 def _load() -> ExtensionStatus:

@@ -45,7 +45,38 @@ class AttnDropout:
 
 
 def dropout_keep_mask(drop: AttnDropout, heads: int, q_len: int, k_len: int) -> Tensor:
-    """(B, heads, q_len, k_len) bool: which attention probabilities survive."""
+    """(B, heads, q_len, k_len) bool: which attention probabilities survive.
+
+    On CPU tensors the compiled op (csrc/dropout_mask_cpu.cpp: one pass, bit-identical) computes it when
+    blip2fast._C has it; otherwise, and on GPUs (where the Triton kernel hashes in-kernel instead), the
+    PyTorch definition below, which is the spec."""
+    if drop.row_ids.device.type == "cpu" and _compiled_dropout_mask():
+        return torch.ops.blip2fast.attention_dropout_keep(
+            drop.seed_step, drop.row_ids, hashing.STREAM_ATTN_DROPOUT, int(drop.site), heads, q_len, k_len,
+            int(drop.q_offset), hashing.dropout_threshold(drop.p))
+    return dropout_keep_mask_ref(drop, heads, q_len, k_len)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_dropout_mask() -> bool:
+    """Whether blip2fast._C has the CPU dropout-mask op (unset with BLIP2FAST_BACKEND=torch, which asks every op
+    for its reference)."""
+    from . import _extension
+    from .dispatch import requested_backend
+
+    name, source = requested_backend(None, "attention_dropout_keep", ("torch", "cpp"))
+    if name not in (None, "cpp"):
+        return False
+    status = _extension.load_extension()
+    available = bool(status) and hasattr(torch.ops.blip2fast, "attention_dropout_keep")
+    if name == "cpp" and not available:  # asked for: never fall back silently
+        raise RuntimeError(f"attention_dropout_keep: backend 'cpp' was requested ({source}) but blip2fast._C "
+                           f"{'has no attention_dropout_keep (rebuild it)' if status else 'is unavailable: ' + status.reason}")
+    return available
+
+
+def dropout_keep_mask_ref(drop: AttnDropout, heads: int, q_len: int, k_len: int) -> Tensor:
+    """The definition of the keep mask in PyTorch (any device)."""
     dev = drop.row_ids.device
     seed_lo, seed_hi, step = hashing.seed_keys(drop.seed_step)
     h = hashing.counter_hash(

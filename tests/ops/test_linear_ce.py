@@ -451,17 +451,25 @@ def test_stage2_fused_equals_logits_path(kind, monkeypatch):
 
 
 @pytest.mark.skipif(not K.INTERPRETED, reason="runs the interpreted kernels on the CPU")
-def test_stage2_with_the_triton_backend(monkeypatch):
+@pytest.mark.parametrize("setting", ["linear_cross_entropy=triton", "triton"])
+def test_stage2_with_the_triton_backend(monkeypatch, setting):
+    """Stage-2 loss and every trainable gradient with the Triton linear-CE alone, and with every op on Triton
+    (Q-Former attention and LayerNorm too), equal the torch backend's unfused logits path."""
+    from blip2fast.kernels import layer_norm as LN
+    from blip2fast.kernels import qformer_attention as QA
     from tests.models.test_stage2 import images, make_model, text_batch
 
     m = make_model("opt")
     ids, mask, labels = text_batch(2, 6, bos=m.language_model.config.bos_token_id)
     px = images(2)
+    monkeypatch.setenv("BLIP2FAST_BACKEND", "torch")
     want = m.stage2_loss(px, ids, mask, labels, return_logits=True)
-    monkeypatch.setenv("BLIP2FAST_BACKEND", "linear_cross_entropy=triton")
-    before = K.LAUNCHES["fwd"]
+    monkeypatch.setenv("BLIP2FAST_BACKEND", setting)
+    before, attn_before, ln_before = K.LAUNCHES["fwd"], QA.LAUNCHES["fwd"], LN.LAUNCHES["ln_fwd"]
     got = m.stage2_loss(px, ids, mask, labels)
     assert K.LAUNCHES["fwd"] == before + 1 and got.logits is None
+    everything = setting == "triton"
+    assert (QA.LAUNCHES["fwd"] > attn_before) == everything and (LN.LAUNCHES["ln_fwd"] > ln_before) == everything
     assert abs(got.loss.item() - want.loss.item()) <= 1e-5 * want.loss.item()
     assert_grads_match(_param_grads(got.loss, m), _param_grads(want.loss, m), 1e-4)
 

@@ -18,13 +18,13 @@ import dataclasses
 import functools
 import os
 import platform
-import time
 from typing import Callable, Optional
 
 import torch
 
 from blip2fast import Blip2
 from blip2fast.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig, blip2_stage1_vit_g
+from op_timing import median_ms, peak_bytes, sync, time_once_ms  # noqa: F401  (E.sync() in the bench files)
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -133,45 +133,11 @@ def llm_text(B: int, T: int, vocab: int, bos: int, pad: int, avoid: int, seed: i
 # measuring
 
 
-def sync() -> None:
-    if GPU:
-        torch.cuda.synchronize()
-
-
-def _time_once(fn: Callable[[], object]) -> float:
-    if GPU:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def median_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
-    """Median wall time of fn in ms (CUDA events on a GPU: the device time of the whole step, host syncs
-    inside fn included)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = sorted(_time_once(fn) for _ in range(reps))
-    return times[len(times) // 2]
-
-
 def peak_mem_mb(fn: Callable[[], object]) -> Optional[float]:
     """GPU: the peak allocated memory while fn runs, above what was allocated before (activations, gradients,
     temporaries; not the weights). CPU: None (tracemalloc does not see torch's allocator)."""
-    if not GPU:
-        return None
-    sync()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    sync()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    peak = peak_bytes(fn)
+    return None if peak is None else round(peak / 2**20, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,7 +183,7 @@ def measure(fns: dict, sizes: Sizes) -> dict:
     times = {impl: [] for impl in fns}
     for _ in range(sizes.reps):
         for impl, fn in fns.items():
-            times[impl].append(_time_once(fn))
+            times[impl].append(time_once_ms(fn))
     out = {}
     for impl, fn in fns.items():
         ts = sorted(times[impl])

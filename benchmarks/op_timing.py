@@ -1,5 +1,6 @@
-"""Timing helpers shared by the per-op benchmarks (bench_<op>.py): the median of repeated calls (CUDA events on
-a GPU, wall clock on a CPU) and the peak memory a call adds (GPU only). Not a benchmark file itself."""
+"""Timing helpers shared by every benchmark (bench_<op>.py and e2e_support.py): one call's milliseconds (CUDA
+events on a GPU: device time, host syncs inside the call included; wall clock on a CPU), the median of repeated
+calls, and the peak memory a call adds (GPU only). Not a benchmark file itself."""
 from __future__ import annotations
 
 import time
@@ -15,25 +16,25 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def time_once_ms(fn: Callable[[], object]) -> float:
+    if GPU:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
     """Median milliseconds of `reps` calls after `warmup` untimed ones (Triton / inductor compile on the first)."""
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(reps):
-        if GPU:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    times = sorted(time_once_ms(fn) for _ in range(reps))
     return times[len(times) // 2]
 
 

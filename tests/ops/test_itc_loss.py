@@ -28,15 +28,10 @@ from blip2fast.kernels import itc_loss as K
 from blip2fast.ops import dispatch
 from blip2fast.ops import itc_loss as ops
 from blip2fast.ops.itc_loss import itc_loss
+from tests.helpers import triton_test_device
 from tests.models.test_stage1 import make_batch
 
-if K.INTERPRETED:
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("Triton kernels compiled (TRITON_INTERPRET unset) but no CUDA GPU: nothing can run them",
-                allow_module_level=True)
+DEV = triton_test_device(K.INTERPRETED)
 
 # max error / max |reference|: floor per dtype (the 2x-PyTorch rule applies above it)
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -16,15 +16,10 @@ from blip2fast.kernels import itm_sampling as K
 from blip2fast.ops import _extension, dispatch, hashing
 from blip2fast.ops import itm_sampling as itm
 from blip2fast.ops.itm_sampling import itm_sample_negatives, itm_sample_negatives_ref
+from tests.helpers import triton_test_device
 from tests.ops.test_itm_sampling import make_inputs
 
-if K.INTERPRETED:
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("Triton kernels compiled (TRITON_INTERPRET unset) but no CUDA GPU: nothing can run them",
-                allow_module_level=True)
+DEV = triton_test_device(K.INTERPRETED)
 
 # the interpreter converts 1-element arrays to Python ints (loop bounds loaded from memory), which numpy>=1.25 warns of
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")

@@ -17,14 +17,9 @@ import torch
 from blip2fast.kernels import layer_norm as K
 from blip2fast.ops import dispatch
 from blip2fast.ops.layer_norm import layer_norm, layer_norm_ref
+from tests.helpers import triton_test_device
 
-if K.INTERPRETED:
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("Triton kernels compiled (TRITON_INTERPRET unset) but no CUDA GPU: nothing can run them",
-                allow_module_level=True)
+DEV = triton_test_device(K.INTERPRETED)
 
 # the interpreter converts 1-element arrays to Python ints (loop bounds computed from program ids), which numpy
 # >= 1.25 warns of

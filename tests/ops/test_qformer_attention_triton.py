@@ -21,15 +21,10 @@ from blip2fast.config import blip2_tiny
 from blip2fast.kernels import qformer_attention as K
 from blip2fast.ops import dispatch
 from blip2fast.ops.attention import AttnDropout, dropout_keep_mask, qformer_attention, qformer_attention_ref
+from tests.helpers import triton_test_device
 from tests.models.test_stage1 import make_batch
 
-if K.INTERPRETED:
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("Triton kernels compiled (TRITON_INTERPRET unset) but no CUDA GPU: nothing can run them",
-                allow_module_level=True)
+DEV = triton_test_device(K.INTERPRETED)
 
 # max error / max |reference|: floor per dtype (the 2x-PyTorch rule applies above it)
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

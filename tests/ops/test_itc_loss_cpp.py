@@ -8,6 +8,7 @@ missing extension fails instead of skipping.
 """
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -134,7 +135,8 @@ def max_rel_err(got, want):
 
 
 def check_forward(out, inputs, eps, *, rtol_sim=2e-6):
-    """out = itc_loss_fwd(*inputs, eps) against float64: sims, argmax (up to float32 near-ties), lse, loss."""
+    """out = itc_loss_fwd(*inputs, eps) against float64: sims, argmax (up to float32 near-ties), lse, loss.
+    Returns the loss's absolute error."""
     loss, sim_i2t, sim_t2i, arg_i2t, arg_t2i, lse = out
     image_feats, text_feat, image_all, text_all, temp, targets = inputs
     B, Q, _ = image_feats.shape
@@ -164,7 +166,9 @@ def check_forward(out, inputs, eps, *, rtol_sim=2e-6):
     lse64 = torch.stack([s_i2t64.logsumexp(-1), s_t2i64.logsumexp(-1)])
     assert float((lse.double() - lse64).abs().max()) <= rtol_sim * scale + 1e-5
     loss64 = itc_loss_ref(s_i2t64, s_t2i64, targets, eps)
-    assert abs(float(loss) - float(loss64)) <= 2e-5 * max(1.0, abs(float(loss64))) + rtol_sim * scale
+    loss_err = abs(float(loss) - float(loss64))
+    assert loss_err <= 2e-5 * max(1.0, abs(float(loss64))) + rtol_sim * scale
+    return loss_err
 
 
 # (B, Ba, Q, E): B = 1, primes, Ba != B (a rank's rows against the gathered batch), Ba = 1 (one class), Q = 32 and
@@ -179,7 +183,7 @@ SHAPES = [(1, 1, 7, 40), (1, 5, 32, 40), (3, 3, 32, 256), (5, 13, 7, 40), (13, 2
 def test_forward(ext, shape, dtype, eps):
     gen = torch.Generator().manual_seed(seed_of(shape, dtype, eps))
     inputs = make_inputs(*shape, dtype, gen=gen)
-    check_forward(fwd(*inputs, eps), inputs, eps)
+    assert math.isfinite(check_forward(fwd(*inputs, eps), inputs, eps))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])

@@ -99,11 +99,6 @@ def suite(tmp_path_factory):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bench", BENCHES)
 def test_qformer_hf(benchmark, suite, bench, impl):
-    info = E.extra_info(bench, impl, suite["measured"][bench], suite["flops"][bench], suite["batch"],
-                        suite["config"], suite["checks"][bench])
-    benchmark.group = bench
-    benchmark.extra_info.update(info)
-    E.record(info)
-    benchmark.pedantic(lambda: (suite["fns"][bench][impl](), E.sync()), rounds=max(2, suite["reps"] // 2),
-                       iterations=1, warmup_rounds=0)
+    info = E.report(benchmark, bench, impl, suite["fns"][bench][impl], suite["measured"][bench],
+                    suite["flops"][bench], suite["batch"], suite["config"], suite["checks"][bench], suite["reps"])
     assert math.isfinite(info["median_ms"]) and info["samples_per_s"] > 0

@@ -79,11 +79,6 @@ def suite():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_stage1_step(benchmark, suite, impl):
-    info = E.extra_info("stage1_step", impl, suite["measured"], suite["flops"], suite["batch"], suite["config"],
-                        suite["checks"])
-    benchmark.group = "stage1_step"
-    benchmark.extra_info.update(info)
-    E.record(info)
-    benchmark.pedantic(lambda: (suite["fns"][impl](), E.sync()), rounds=max(2, suite["reps"] // 2), iterations=1,
-                       warmup_rounds=0)
+    info = E.report(benchmark, "stage1_step", impl, suite["fns"][impl], suite["measured"], suite["flops"],
+                    suite["batch"], suite["config"], suite["checks"], suite["reps"])
     assert math.isfinite(info["median_ms"]) and info["samples_per_s"] > 0

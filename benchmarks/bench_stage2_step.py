@@ -106,11 +106,6 @@ def suite(tmp_path_factory):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_stage2_step(benchmark, suite, impl):
-    info = E.extra_info("stage2_step", impl, suite["measured"], suite["flops"], suite["batch"], suite["config"],
-                        suite["checks"])
-    benchmark.group = "stage2_step"
-    benchmark.extra_info.update(info)
-    E.record(info)
-    benchmark.pedantic(lambda: (suite["fns"][impl](), E.sync()), rounds=max(2, suite["reps"] // 2), iterations=1,
-                       warmup_rounds=0)
+    info = E.report(benchmark, "stage2_step", impl, suite["fns"][impl], suite["measured"], suite["flops"],
+                    suite["batch"], suite["config"], suite["checks"], suite["reps"])
     assert math.isfinite(info["median_ms"]) and info["samples_per_s"] > 0

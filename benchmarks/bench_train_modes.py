@@ -118,14 +118,9 @@ def compiled():
 
 
 def _report(benchmark, suite, bench: str, mode: str) -> dict:
-    info = E.extra_info(bench, mode, suite["measured"], suite["flops"], suite["batch"], suite["config"],
-                        suite["checks"])
-    info["samples_per_s_vs_eager"] = round(suite["measured"]["eager"].ms / suite["measured"][mode].ms, 3)
-    benchmark.group = bench
-    benchmark.extra_info.update(info)
-    E.record(info)
-    benchmark.pedantic(lambda: (suite["fns"][mode](), E.sync()), rounds=max(2, suite["reps"] // 2), iterations=1,
-                       warmup_rounds=0)
+    vs_eager = round(suite["measured"]["eager"].ms / suite["measured"][mode].ms, 3)
+    info = E.report(benchmark, bench, mode, suite["fns"][mode], suite["measured"], suite["flops"], suite["batch"],
+                    suite["config"], suite["checks"], suite["reps"], extra={"samples_per_s_vs_eager": vs_eager})
     assert math.isfinite(info["median_ms"]) and info["samples_per_s"] > 0
     return info
 

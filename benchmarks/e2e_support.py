@@ -24,7 +24,7 @@ import torch
 
 from blip2fast import Blip2
 from blip2fast.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig, blip2_stage1_vit_g
-from op_timing import median_ms, peak_bytes, sync, time_once_ms  # noqa: F401  (E.sync() in the bench files)
+from op_timing import median_ms, peak_bytes, sync, time_once_ms
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -226,6 +226,19 @@ def record(row: dict) -> None:
 
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def report(benchmark, bench: str, impl: str, fn: Callable[[], object], measured: dict, flops: float, batch: int,
+           config: dict, checks: dict, reps: int, extra: Optional[dict] = None) -> dict:
+    """One benchmark row: the extra_info of `impl` from the interleaved measurement (plus `extra`), recorded for the
+    GPU check, then pytest-benchmark's own timing of `fn`. Returns the row."""
+    info = extra_info(bench, impl, measured, flops, batch, config, checks)
+    info.update(extra or {})
+    benchmark.group = bench
+    benchmark.extra_info.update(info)
+    record(info)
+    benchmark.pedantic(lambda: (fn(), sync()), rounds=max(2, reps // 2), iterations=1, warmup_rounds=0)
+    return info
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ import torch
 from blip2fast.kernels import layer_norm as K
 from blip2fast.ops import dispatch
 from blip2fast.ops.layer_norm import layer_norm, layer_norm_ref
-from tests.helpers import triton_test_device
+from tests.helpers import assert_norms_twice_torch, assert_twice_torch, rel_max_err, triton_test_device
 
 DEV = triton_test_device(K.INTERPRETED)
 
@@ -29,10 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 CPU_DTYPES = [torch.float32, torch.float16]
 EPS = 1e-12  # the Q-Former's (BERT's) layer_norm_eps
-
-
-def rel_max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected).abs().max().item() / expected.abs().max().item()
 
 
 def make_case(shape, residual: bool, seed: int):
@@ -79,11 +75,7 @@ def check_against_reference(x, w, b, r, dy, dtype):
     errs = {}
     for name, g, lp, want in zip(COMPARED, got, torch_lp, truth):
         assert g.dtype == dtype and g.shape == want.shape, name
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err, err_torch = rel_max_err(g, want), rel_max_err(lp, want)
-        bound = max(2 * err_torch, FLOOR[dtype])
-        assert err <= bound, f"{name} ({dtype}): error {err:.2e} > {bound:.2e} (PyTorch's own {err_torch:.2e})"
-        errs[name] = err
+        errs[name] = assert_twice_torch(name, g, lp, want, FLOOR[dtype], f"({dtype})")
     return errs
 
 
@@ -327,10 +319,7 @@ def test_stage1_loss_triton_layer_norm_equals_torch(monkeypatch):
     assert K.LAUNCHES["ln_bwd"] - before.get("ln_bwd", 0) == calls
     assert got[1].keys() == truth[1].keys() and len(truth[1]) > 50
     pairs = [("loss", got[0], torch32[0], truth[0])] + [(n, got[1][n], torch32[1][n], truth[1][n]) for n in truth[1]]
-    for name, g, t, w in pairs:
-        err, err_torch = (g.double() - w).norm().item(), (t.double() - w).norm().item()
-        bound = max(2 * err_torch, 1e-3 * w.norm().item(), 1e-7)
-        assert err <= bound, f"{name}: |triton - fp64| {err:.2e} > {bound:.2e} (torch fp32: {err_torch:.2e})"
+    assert_norms_twice_torch(pairs)
 
 
 # --------------------------------------------------------------------------------------------------------------

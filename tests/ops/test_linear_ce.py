@@ -23,6 +23,7 @@ from blip2fast.kernels import linear_ce as K
 from blip2fast.ops import dispatch
 from blip2fast.ops.linear_ce import linear_cross_entropy, linear_cross_entropy_ref
 from blip2fast.ops.losses import lm_loss_sum_ref, mean_over_global_count
+from tests.helpers import assert_twice_torch, rel_max_err
 
 # CPU tensors for the interpreted kernels; CUDA tensors when the kernels are compiled and a GPU is there
 DEV = "cuda" if (torch.cuda.is_available() and not K.INTERPRETED) else "cpu"
@@ -74,11 +75,6 @@ def run(fn, hidden, weight, bias, targets, dtype, head: str, grad_scale: float =
     return loss.detach(), count, {n: g.double() for n, g in grads.items()}
 
 
-def rel_max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().item()
-    return (actual.double() - expected).abs().max().item() / (scale if scale > 1e-12 else 1.0)
-
-
 def assert_close_to_truth(got, low, truth, dtype, what=""):
     """got, low (PyTorch's reference in dtype), truth (float64): (loss, count, grads)."""
     assert got[1].dtype == torch.int64 and got[1].dim() == 0 and got[1].item() == truth[1].item()
@@ -86,10 +82,7 @@ def assert_close_to_truth(got, low, truth, dtype, what=""):
     assert got[2].keys() == truth[2].keys()
     pairs = [("loss", got[0], low[0], truth[0])] + [(n, got[2][n], low[2][n], truth[2][n]) for n in truth[2]]
     for name, g, lo, t in pairs:
-        assert torch.isfinite(g).all(), f"{what} {name}: not finite"
-        err, err_torch = rel_max_err(g, t), rel_max_err(lo, t)
-        bound = max(2 * err_torch, FLOOR.get(dtype, 1e-12))
-        assert err <= bound, f"{what} {name}: error {err:.3g} > {bound:.3g} (PyTorch {dtype}: {err_torch:.3g})"
+        assert_twice_torch(name, g, lo, t, FLOOR.get(dtype, 1e-12), f"{what} ({dtype})", zero=1e-12)
 
 
 # (N, V, H, chunk rows): chunk None = the default (one chunk at these sizes); else a size dividing nothing
@@ -121,7 +114,7 @@ def test_float64_stays_float64_on_the_torch_backend():
     assert got[0].dtype == torch.float64
     assert abs(got[0].item() - truth[0].item()) <= 1e-12 * abs(truth[0].item())
     for name in truth[2]:
-        assert rel_max_err(got[2][name], truth[2][name]) < 1e-12, name
+        assert rel_max_err(got[2][name], truth[2][name], zero=1e-12) < 1e-12, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

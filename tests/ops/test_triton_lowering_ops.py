@@ -28,7 +28,8 @@ def test_kernel_modules_expose_aot_cases():
     folder = os.path.join(ROOT, "kernels")
     kernel_files = sorted(f[:-3] for f in os.listdir(folder)  # _helpers.py hold jit helpers, no kernels
                           if f.endswith(".py") and not f.startswith("_") and f != "qformer_attention.py")
-    assert kernel_files == MODULES, "kernel modules without aot_cases(): " + str(sorted(set(kernel_files) - set(MODULES)))
+    missing = sorted(set(kernel_files) - set(MODULES))
+    assert kernel_files == MODULES, f"kernel modules without aot_cases(): {missing}"
 
 
 @pytest.mark.parametrize("module", MODULES or [pytest.param(None, marks=pytest.mark.skip(reason="no module yet"))])

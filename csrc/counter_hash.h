@@ -17,11 +17,7 @@
 #include <string.h>
 #include <math.h>
 
-#if defined(__CUDACC__)
-#define B2F_HD __host__ __device__ __forceinline__
-#else
-#define B2F_HD inline
-#endif
+#include "host_device.h"
 
 namespace blip2fast {
 

@@ -18,12 +18,7 @@
 #include <math.h>
 #include <stdint.h>
 
-// Token-identical to counter_hash.h's definition, so both headers can be included in either order.
-#if defined(__CUDACC__)
-#define B2F_HD __host__ __device__ __forceinline__
-#else
-#define B2F_HD inline
-#endif
+#include "host_device.h"
 
 namespace blip2fast {
 namespace itc {

@@ -311,17 +311,10 @@ def stage1_vit_l() -> TrainConfig:
 
 def _paper_stage2(name: str, llm_dtype: str, batch_per_rank: int) -> TrainConfig:
     # llm.path="" passes Blip2Config's validation and is filled from --weights.llm when the model is built
+    # stage 1's recipe (data, optimiser, checkpoints, logging) with the LLM, 80k steps and the paper's floor 5e-5
     model = blip2_stage1_vit_g().replace(llm=LLMConfig(path="", dtype=llm_dtype, max_text_len=32))
-    return TrainConfig(
-        preset=name,
-        stage=2,
-        model=model,
-        data=DataConfig(batch_size=batch_per_rank, num_workers=8, prefetch_factor=4),
-        optim=OptimConfig(lr=1e-4),
-        schedule=ScheduleConfig(steps=80_000, warmup_steps=2000, min_lr=5e-5),
-        checkpoint=CheckpointConfig(every=2000, keep=3),
-        logging=LoggingConfig(every=50),
-    )
+    return _paper_stage1(model, name, batch_per_rank).replace(
+        stage=2, schedule=ScheduleConfig(steps=80_000, warmup_steps=2000, min_lr=5e-5))
 
 
 def stage2_opt2_7b() -> TrainConfig:

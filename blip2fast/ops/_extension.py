@@ -1,8 +1,10 @@
-"""Lazy loader of the compiled extension `blip2fast._C` (csrc/), which registers the `torch.ops.blip2fast.*` ops.
+"""Loader of the compiled extension `blip2fast._C` (csrc/), which registers the `torch.ops.blip2fast.*` ops.
 
-`load_extension()` imports it once and reports whether it is usable and, if not, why; nothing here raises on
-import, so the package works (on its PyTorch fallbacks) without a compiler. Loading also registers the ops' fake
-(meta) implementations, so `torch.compile(fullgraph=True)`, `torch.library.opcheck` and CUDA graphs see through them.
+`load_extension()` imports it once and reports whether it is usable and, if not, why; nothing here raises, so
+the package works (on its PyTorch fallbacks) without a compiler. It runs when this module is imported (by the
+ops that have compiled backends), so never first inside a torch.compile trace: its lock cannot be traced.
+Loading also registers the ops' fake (meta) implementations, so `torch.compile(fullgraph=True)`,
+`torch.library.opcheck` and CUDA graphs see through them.
 """
 from __future__ import annotations
 
@@ -82,3 +84,6 @@ def load_extension() -> ExtensionStatus:
             if _status is None:
                 _status = _load()
     return _status
+
+
+load_extension()  # at import: see the module docstring

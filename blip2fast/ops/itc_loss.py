@@ -341,7 +341,3 @@ def itc_loss(
     loss, sim_i2t, sim_t2i, _, _, _ = torch.ops.blip2fast.itc_loss_fwd(*feats, temp32, targets.contiguous(),
                                                                        float(label_smoothing))
     return loss, sim_i2t, sim_t2i
-
-
-# Load blip2fast._C at import, never inside a torch.compile trace: the first load takes a lock dynamo cannot trace.
-_extension.load_extension()

@@ -174,7 +174,3 @@ def itm_sample_negatives(
         _check(sim, positive, row_ids, seed_step)  # clear errors before the op (also under torch.compile)
         return _itm_sample_negatives_triton(sim, positive, row_ids, seed_step, int(stream))
     return itm_sample_negatives_ref(sim, positive, row_ids, seed_step, stream)
-
-
-# Load blip2fast._C at import, never inside a torch.compile trace: the first load takes a lock dynamo cannot trace.
-_extension.load_extension()

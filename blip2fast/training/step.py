@@ -132,12 +132,9 @@ class TrainStep:
         if mode == "compile":
             import importlib
 
-            from ..ops import _extension
-
             importlib.import_module("torch._dynamo")  # for its config below (a local `import torch._dynamo` would
             # make `torch` a local name of this function)
 
-            _extension.load_extension()  # its first call takes a lock, which cannot be traced: load it now
             if fullgraph is None:
                 fullgraph = world_size == 1 and hasattr(torch._dynamo.config, "trace_autograd_ops")
             self.fullgraph = fullgraph

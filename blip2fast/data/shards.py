@@ -41,9 +41,21 @@ Bad samples never stop a run: each is skipped and counted once, by the first rea
   bad_text         not UTF-8, json that does not parse, captions of the wrong type
   empty_caption    nothing left after cleaning
   bad_image        PIL cannot decode the image bytes
+  untokenizable    the text encoder cannot encode the caption (e.g. a word outside the demo tokenizer's vocabulary)
 and shard events, counted when a visit closes: unreadable (cannot open / not a tar), truncated (ends without the
-end-of-archive block or inside a member), bad_header (a corrupt header after the first member). Counts ride with
-the batches, so the totals the loader reports are exact for the batches it has yielded, with any num_workers.
+end-of-archive block or inside a member), bad_header (a corrupt header after the first member), empty (a tar with
+no sample). Counts ride with the batches, so the totals the loader reports are exact for the batches it has
+yielded, with any num_workers.
+
+Bad data never hangs a run either. The loader checks at start the shards its streams open first (a readable tar
+with at least one sample; a directory, a missing path and a non-tar file each have their own message): unusable
+ones are reported and later skipped and counted; none usable is a `DataError`. A stream that finds every shard
+empty or unreadable stops with a `DataError`. Any failure inside a stream (in a worker or in-process) reaches the
+caller as one `DataError` line naming the shard and the reason, and the workers are shut down.
+
+No image repeats inside a batch (resampled mode: several open visits of one shard could otherwise draw the same
+sample): a draw already in the batch being built is passed over (counted as `duplicates` in the stream state),
+unless the shards hold fewer samples than a batch, which the loader reports at start.
 """
 from __future__ import annotations
 
@@ -64,10 +76,27 @@ from .tokenize import TextEncoder
 from .transforms import ImageTransform, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
-SAMPLE_REASONS = ("truncated", "missing_image", "missing_caption", "bad_text", "empty_caption", "bad_image")
-SHARD_REASONS = ("unreadable", "truncated", "bad_header")
+SAMPLE_REASONS = ("truncated", "missing_image", "missing_caption", "bad_text", "empty_caption", "bad_image",
+                  "untokenizable")
+SHARD_REASONS = ("unreadable", "truncated", "bad_header", "empty")
 STATE_VERSION = 1
-_MAX_EMPTY_VISITS = 64  # consecutive visits without a single sample before a stream gives up
+# consecutive draws passed over as repeats before a stream accepts one: only reached when the open visits hold
+# barely a batch of distinct samples; a bound, so that building a batch always ends
+_MAX_REPEAT_STREAK_PER_SAMPLE = 64
+
+
+class DataError(ValueError):
+    """The data cannot feed the run: the message is one line naming the shard(s) and the reason."""
+
+
+class TextEncoderMismatch(DataError):
+    """The text encoder cannot encode the captions of the data at all (checked at start)."""
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """`text` on one line, cut to `limit` characters (error messages from libraries can span many lines)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -106,20 +135,95 @@ class WebDataConfig:
 # ------------------------------------------------------------------------------------------------ shard lists
 def expand_shards(urls: Union[str, Sequence[str]]) -> list[str]:
     """Brace-expand a pattern (several joined by "::", or a list of patterns) into existing local .tar paths.
-    Missing files and non-.tar names are errors that list them."""
+    Missing paths (FileNotFoundError), directories and non-.tar names (DataError) are errors that list them."""
     patterns = urls.split("::") if isinstance(urls, str) else list(urls)
     paths = [p for pat in patterns if pat.strip() for p in braceexpand.braceexpand(pat.strip())]
     if not paths:
-        raise ValueError(f"no shards: the pattern {urls!r} is empty")
+        raise DataError(f"no shards: the pattern {urls!r} is empty")
+
+    def show(bad):
+        return ", ".join(repr(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shard(s) from {urls!r} do not exist: {show(missing)}")
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:
+        raise DataError(f"{len(folders)} shard path(s) from {urls!r} are directories, not .tar shards: "
+                        f"{show(folders)}; give the shard files inside, e.g. "
+                        f"'{os.path.join(folders[0].rstrip(os.sep), '{000000..000009}.tar')}'")
     bad_ext = [p for p in paths if not p.endswith(".tar")]
     if bad_ext:
-        raise ValueError(f"{len(bad_ext)} shard path(s) are not uncompressed .tar files (e.g. {bad_ext[0]!r}); "
-                         "compressed shards cannot be indexed: decompress them")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        show = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shard(s) from {urls!r} do not exist: {show}")
+        raise DataError(f"{len(bad_ext)} shard path(s) are not uncompressed .tar files: {show(bad_ext)}; compressed "
+                        "shards cannot be indexed: decompress them")
+    not_files = [p for p in paths if not os.path.isfile(p)]
+    if not_files:
+        raise DataError(f"{len(not_files)} shard path(s) are not regular files: {show(not_files)}")
     return paths
+
+
+def probe_shard(path: str, want: int = 1) -> tuple[int, Optional[str]]:
+    """(samples seen, problem or None), reading member headers until `want` samples are seen (cheap: no data).
+    A problem is a phrase: "cannot be opened (...)", "is not a tar archive", "is an empty tar (no samples)". A
+    shard damaged after its first samples has no problem here: the loader skips and counts the damage."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        return 0, f"cannot be opened ({e.strerror or type(e).__name__})"
+    keys: set = set()
+    with fh:
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r:")
+        except (tarfile.TarError, EOFError, OSError):
+            return 0, "is not a tar archive"
+        try:
+            while len(keys) < want:
+                info = tf.next()
+                if info is None:
+                    break
+                tf.members.clear()
+                key, _ = _split_name(info.name) if info.isreg() else (None, None)
+                base = key.rsplit("/", 1)[-1] if key else ""
+                if key is not None and not (base.startswith("__") and base.endswith("__")):
+                    keys.add(key)
+        except (tarfile.TarError, EOFError, OSError):
+            if not keys:
+                return 0, "is not a tar archive (no readable member)"
+    return len(keys), None if keys else "is an empty tar (no samples)"
+
+
+def first_captions(path: str, count: int, max_words: int) -> list[str]:
+    """The first caption of each of the first `count` samples of a shard that have one (for the start-up check
+    that the text encoder fits the data); [] when the shard cannot be read."""
+    out: list[str] = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            current, texts = None, {}
+            while len(out) < count:
+                info = tf.next()
+                if info is None:
+                    break
+                tf.members.clear()
+                key, ext = _split_name(info.name) if info.isreg() else (None, None)
+                if key is None:
+                    continue
+                if key != current:
+                    out += _first_caption(texts, max_words) if texts else []
+                    current, texts = key, {}
+                if ext in ("txt", "json"):
+                    texts[ext] = tf.extractfile(info).read()
+            if texts and len(out) < count:
+                out += _first_caption(texts, max_words)
+    except (OSError, tarfile.TarError, EOFError):
+        pass
+    return out[:count]
+
+
+def _first_caption(texts: dict, max_words: int) -> list[str]:
+    try:
+        return sample_captions(texts, max_words)[:1]
+    except BadSample:
+        return []
 
 
 # ------------------------------------------------------------------------------------------------ shard index
@@ -206,9 +310,11 @@ def buffered_order(n: int, buffer: int, rng: random.Random) -> list[int]:
 class _Visit:
     """One open shard visit: its index, emission order and a file handle for reading members."""
 
-    def __init__(self, visit: int, path: str, order_seed: Optional[int], buffer: int, tag: str):
-        self.visit, self.path, self.tag = visit, path, tag
+    def __init__(self, visit: int, shard: int, path: str, order_seed: Optional[int], buffer: int, tag: str):
+        self.visit, self.shard, self.path, self.tag = visit, shard, path, tag
         self.samples, self.error = index_shard(path)
+        if not self.samples and self.error is None:
+            self.error = "empty"
         rng = random.Random(order_seed)
         self.order = buffered_order(len(self.samples), buffer, rng) if order_seed is not None else \
             list(range(len(self.samples)))
@@ -243,27 +349,51 @@ class _Visit:
 
 def _new_stream_state(stream: int, slots: int) -> dict:
     return {"stream": stream, "batches": 0, "draws": 0, "next_visit": 0, "slots": [[-1, 0] for _ in range(slots)],
-            "empty_streak": 0, "done": False, "samples": 0,
+            "bad_shards": [], "duplicates": 0, "done": False, "samples": 0,
             "skipped": dict.fromkeys(SAMPLE_REASONS, 0), "shard_errors": dict.fromkeys(SHARD_REASONS, 0)}
+
+
+def _upgrade_state(state: dict) -> dict:
+    """A stream state saved by an older version: the counters and fields added since start at zero."""
+    state = _copy_state(state)
+    state["skipped"] = {**dict.fromkeys(SAMPLE_REASONS, 0), **state["skipped"]}
+    state["shard_errors"] = {**dict.fromkeys(SHARD_REASONS, 0), **state["shard_errors"]}
+    state.setdefault("bad_shards", [])
+    state.setdefault("duplicates", 0)
+    state.pop("empty_streak", None)
+    return state
+
+
+def _epoch_shards(n_paths: int, cfg: WebDataConfig, rank: int, world: int, stream: int, num_streams: int,
+                  epoch: int) -> list[int]:
+    """Epoch mode: the shard indices stream `stream` of `rank` reads in epoch `epoch`, in order."""
+    order = list(range(n_paths))
+    if cfg.shuffle:
+        random.Random(stable_hash("epoch", cfg.seed, epoch)).shuffle(order)
+    return order[rank::world][stream::num_streams]
+
+
+def _resampled_shard(n_paths: int, cfg: WebDataConfig, rank: int, stream: int, visit: int) -> int:
+    """Resampled mode: the shard index of visit `visit` of (rank, stream)."""
+    return stable_hash("shard", cfg.seed, rank, stream, visit) % n_paths
 
 
 class _Stream:
     """Builds the batches of one stream from its state (see the module docstring)."""
 
     def __init__(self, paths: list[str], cfg: WebDataConfig, text: TextEncoder, rank: int, world: int,
-                 stream: int, num_streams: int, epoch: int, state: Optional[dict]):
+                 stream: int, num_streams: int, epoch: int, state: Optional[dict], allow_repeats: bool = False):
         self.paths, self.cfg, self.text = paths, cfg, text
         self.rank, self.world, self.stream, self.num_streams, self.epoch = rank, world, stream, num_streams, epoch
+        self.allow_repeats = allow_repeats
+        self.reading: Optional[str] = None  # the shard of the sample in hand (named when something fails)
         self.num_slots = cfg.mix_shards if cfg.shuffle else 1
-        self.state = _copy_state(state) if state is not None else _new_stream_state(stream, self.num_slots)
+        self.state = _upgrade_state(state) if state is not None else _new_stream_state(stream, self.num_slots)
         self.transform = ImageTransform(cfg.image_size, train=cfg.train)
         if cfg.resampled:
             self.epoch_shards = None
         else:
-            order = list(range(len(paths)))
-            if cfg.shuffle:
-                random.Random(stable_hash("epoch", cfg.seed, epoch)).shuffle(order)
-            self.epoch_shards = order[rank::world][stream::num_streams]
+            self.epoch_shards = _epoch_shards(len(paths), cfg, rank, world, stream, num_streams, epoch)
         self.open: list[Optional[_Visit]] = [None] * self.num_slots
         for k, (visit, consumed) in enumerate(self.state["slots"]):
             if visit >= 0:  # restore: re-index and skip what was consumed
@@ -273,7 +403,7 @@ class _Stream:
     # -- shard visits
     def _visit_shard(self, visit: int) -> Optional[int]:
         if self.epoch_shards is None:
-            return stable_hash("shard", self.cfg.seed, self.rank, self.stream, visit) % len(self.paths)
+            return _resampled_shard(len(self.paths), self.cfg, self.rank, self.stream, visit)
         return self.epoch_shards[visit] if visit < len(self.epoch_shards) else None
 
     def _open_visit(self, visit: int) -> _Visit:
@@ -282,8 +412,10 @@ class _Stream:
             tag = f"r{self.rank}.s{self.stream}.v{visit}"
         else:
             tag = f"e{self.epoch}"  # each sample is visited once per epoch: (seed, epoch, key) is enough
-        order_seed = stable_hash("order", cfg.seed, tag, self._visit_shard(visit)) if cfg.shuffle else None
-        return _Visit(visit, self.paths[self._visit_shard(visit)], order_seed, cfg.shuffle_buffer, tag)
+        shard = self._visit_shard(visit)
+        order_seed = stable_hash("order", cfg.seed, tag, shard) if cfg.shuffle else None
+        self.reading = self.paths[shard]
+        return _Visit(visit, shard, self.paths[shard], order_seed, cfg.shuffle_buffer, tag)
 
     def _close(self, k: int) -> None:
         v = self.open[k]
@@ -304,15 +436,14 @@ class _Stream:
                 st["slots"][k] = [-2, 0]  # dead for the rest of the epoch
                 return False
             st["next_visit"] = visit + 1
-            self.open[k] = self._open_visit(visit)
-            if self.open[k].exhausted():
-                st["empty_streak"] += 1
-                if st["empty_streak"] > _MAX_EMPTY_VISITS:
-                    raise RuntimeError(f"{st['empty_streak']} shard visits in a row had no samples (last: "
-                                       f"{self.open[k].path!r}, {self.open[k].error}); are the shards "
-                                       f"{self.paths[:3]}... all broken?")
-            else:
-                st["empty_streak"] = 0
+            v = self.open[k] = self._open_visit(visit)
+            if v.exhausted():  # empty or unreadable: skipped (counted when it closes, above)
+                if v.shard not in st["bad_shards"]:
+                    st["bad_shards"] = sorted(st["bad_shards"] + [v.shard])
+                if self.epoch_shards is None and len(st["bad_shards"]) == len(self.paths):
+                    self._close(k)
+                    raise DataError(f"no usable shard left: all {len(self.paths)} shard(s) are empty or unreadable "
+                                    f"(last: {v.path!r}, {v.error})")
         return True
 
     def _draw(self) -> Optional[tuple[_Visit, RawSample]]:
@@ -353,9 +484,26 @@ class _Stream:
     def _batch_id(self) -> int:
         return stable_hash("batch", self.cfg.seed, self.epoch, self.rank, self.stream, self.state["batches"]) >> 1
 
-    def _emit(self, images, captions, keys) -> dict:
-        out = {"pixel_values": torch.stack(images), **self.text(captions, self._batch_id()),
-               "captions": captions, "keys": keys}
+    def _encode(self, captions: list) -> tuple[Optional[dict], list[int]]:
+        """(the text encoder's tensors, []) or, when it fails on the batch, (None, rows it cannot encode alone).
+        A failure that no single caption reproduces is the encoder's own: a DataError."""
+        try:
+            return self.text(captions, self._batch_id()), []
+        except Exception as batch_error:  # tokenizers raise many types; find the captions that cause it
+            bad = []
+            for i, caption in enumerate(captions):
+                try:
+                    self.text([caption], 0)
+                except Exception:
+                    bad.append(i)
+            if not bad:
+                raise DataError(f"the text encoder fails on a batch of {len(captions)} captions (from "
+                                f"{self.reading!r}) that it encodes one by one: "
+                                f"{type(batch_error).__name__}: {one_line(batch_error)}") from None
+            return None, bad
+
+    def _emit(self, images, captions, keys, text: dict) -> dict:
+        out = {"pixel_values": torch.stack(images), **text, "captions": captions, "keys": keys}
         self.state["batches"] += 1
         self.state["samples"] += len(captions)
         out["_state"] = _copy_state(self.state)
@@ -367,12 +515,30 @@ class _Stream:
             return
         B = self.cfg.batch_size
         images, captions, keys = [], [], []
+        repeat_streak, max_repeat_streak = 0, _MAX_REPEAT_STREAK_PER_SAMPLE * B
+
+        def encoded():
+            """The batch's text tensors, or None after dropping (and counting) captions the encoder refuses."""
+            text, bad = self._encode(captions)
+            for i in reversed(bad):
+                st["skipped"]["untokenizable"] += 1
+                del images[i], captions[i], keys[i]
+            return text
+
         while True:
             drawn = self._draw()
             if drawn is None:
                 break
+            visit, raw = drawn
+            self.reading = visit.path
+            if (not self.allow_repeats and f"{visit.path}/{raw.key}" in keys
+                    and repeat_streak < max_repeat_streak):
+                st["duplicates"] += 1  # the same sample from another open visit of its shard: not in this batch
+                repeat_streak += 1
+                continue
+            repeat_streak = 0
             try:
-                image, caption, key = self._decode(*drawn)
+                image, caption, key = self._decode(visit, raw)
             except BadSample as bad:
                 st["skipped"][bad.reason] += 1
                 continue
@@ -380,39 +546,65 @@ class _Stream:
             captions.append(caption)
             keys.append(key)
             if len(images) == B:
-                yield self._emit(images, captions, keys)
-                images, captions, keys = [], [], []
+                text = encoded()
+                if text is not None:
+                    yield self._emit(images, captions, keys, text)
+                    images, captions, keys = [], [], []
         # epoch mode only: the stream ran dry
-        if images and not self.cfg.drop_last:
-            yield self._emit(images, captions, keys)
+        while images and not self.cfg.drop_last:
+            text = encoded()
+            if text is not None:
+                yield self._emit(images, captions, keys, text)
+                break
         st["done"] = True
         yield {"_state": _copy_state(st)}  # the final counts; the loader consumes it, it is not a batch
 
 
 def _copy_state(s: dict) -> dict:
     return {**s, "slots": [list(x) for x in s["slots"]], "skipped": dict(s["skipped"]),
-            "shard_errors": dict(s["shard_errors"])}
+            "shard_errors": dict(s["shard_errors"]), "bad_shards": list(s.get("bad_shards", []))}
 
 
 # ------------------------------------------------------------------------------------------------ dataset
 class _ShardIterable(IterableDataset):
     """What each DataLoader worker iterates: the stream (worker + rotation) % S, from its saved state."""
 
-    def __init__(self, paths, cfg, text, rank, world, num_streams, epoch, rotation, states):
+    def __init__(self, paths, cfg, text, rank, world, num_streams, epoch, rotation, states, allow_repeats):
         self.paths, self.cfg, self.text = paths, cfg, text
         self.rank, self.world, self.num_streams, self.epoch = rank, world, num_streams, epoch
-        self.rotation, self.states = rotation, states
+        self.rotation, self.states, self.allow_repeats = rotation, states, allow_repeats
 
     def __iter__(self):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         stream = (worker + self.rotation) % self.num_streams
-        yield from _Stream(self.paths, self.cfg, self.text, self.rank, self.world, stream, self.num_streams,
-                           self.epoch, self.states[stream]).batches()
+        s = None
+        try:
+            s = _Stream(self.paths, self.cfg, self.text, self.rank, self.world, stream, self.num_streams,
+                        self.epoch, self.states[stream], self.allow_repeats)
+            yield from s.batches()
+        except Exception as e:  # one line for the main process, which stops the loader and raises it there
+            where = f"rank {self.rank}, stream {stream}" + ("" if info is None else f" (loader worker {worker})")
+            shard = None if s is None else s.reading
+            reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+            yield {"_error": one_line(f"{where}" + (f", reading {shard!r}" if shard else "") + f": {reason}",
+                                      1000)}
 
 
 def _identity(x):
     return x
+
+
+def _stop_workers(it) -> None:
+    """Shut a DataLoader iterator's worker processes down now; any that do not stop (busy, or deaf to SIGTERM)
+    are killed: they hold nothing that needs saving."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(it, "_workers", None) or []:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
 
 
 def to_device(batch: dict, device, non_blocking: bool = True) -> dict:
@@ -430,7 +622,7 @@ class ShardLoader:
     the last batch yielded; `skipped` / `shard_errors` are this rank's exact counts up to that batch."""
 
     def __init__(self, cfg: WebDataConfig, text: TextEncoder, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, pin_memory: bool = False):
+                 world_size: Optional[int] = None, pin_memory: bool = False, check: bool = True):
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
         if rank is None:
@@ -451,8 +643,76 @@ class ShardLoader:
                               "some workers get no shard (write smaller shards for full parallelism)")
         self._fingerprint = stable_hash("shards", *self.paths)
         self.epoch, self.step, self.epoch_step = 0, 0, 0
+        self.allow_repeats = False
+        if check:
+            self._check_shards()
         self.streams: list[Optional[dict]] = [None] * self.num_streams  # latest state of each stream
         self._past = _new_past()  # counts of finished epochs
+
+    # -- start-up checks
+    def _first_shards(self) -> list[int]:
+        """The shards this rank's streams open first (fresh start), each once, in order of first use."""
+        cfg, n, S = self.cfg, len(self.paths), self.num_streams
+        slots = cfg.mix_shards if cfg.shuffle else 1
+        out: list[int] = []
+        for visit in range(slots):
+            for stream in range(S):
+                if cfg.resampled:
+                    shard = _resampled_shard(n, cfg, self.rank, stream, visit)
+                else:
+                    mine = _epoch_shards(n, cfg, self.rank, self.world_size, stream, S, self.epoch)
+                    shard = mine[visit] if visit < len(mine) else None
+                if shard is not None and shard not in out:
+                    out.append(shard)
+        return out
+
+    def _check_shards(self) -> None:
+        """Probe the shards opened first (a readable tar with >= 1 sample). Unusable ones are reported (a warning)
+        and skipped later; none usable (after probing the others too) is a DataError. In resampled mode, also
+        count samples up to a batch: fewer distinct samples than a batch means batches must repeat images."""
+        B, first = self.cfg.batch_size, self._first_shards()
+        order = first + [i for i in range(len(self.paths)) if i not in set(first)]
+        problems: dict[int, str] = {}
+        usable, counted = [], 0
+        for probed, i in enumerate(order, 1):
+            n, problem = probe_shard(self.paths[i], max(1, B - counted) if self.cfg.resampled else 1)
+            if problem is not None:
+                problems[i] = problem
+            else:
+                usable.append(i)
+                counted += n
+            if probed >= len(first) and usable and (counted >= B or not self.cfg.resampled):
+                break
+        if not usable:
+            show = "; ".join(f"{self.paths[i]!r} {p}" for i, p in list(problems.items())[:3])
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise DataError(f"no usable shard in {self.cfg.urls!r}: {show}{more}")
+        if problems:
+            show = ", ".join(f"{self.paths[i]!r} {p}" for i, p in list(problems.items())[:3])
+            warnings.warn(f"{len(problems)} shard(s) checked at start are unusable and will be skipped and counted: "
+                          f"{show}" + (" ..." if len(problems) > 3 else ""), stacklevel=3)
+        if self.cfg.resampled and counted < B:
+            self.allow_repeats = True
+            warnings.warn(f"the shards in {self.cfg.urls!r} hold only {counted} sample(s), fewer than a batch of "
+                          f"{B}: every batch repeats images (false negatives for ITC / ITM); add data or lower "
+                          "the batch size", stacklevel=3)
+        self._check_text(self.paths[usable[0]])
+
+    def _check_text(self, path: str, count: int = 8) -> None:
+        """The text encoder must encode at least one of the shard's first captions; a word or two it does not
+        know is a counted skip later, but refusing every caption means it does not fit this data."""
+        captions = first_captions(path, count, self.cfg.max_words)
+        errors = []
+        for caption in captions:
+            try:
+                self.text([caption], 0)
+                return
+            except Exception as e:  # tokenizers raise many types
+                errors.append((caption, e))
+        if errors:
+            caption, e = errors[0]
+            raise TextEncoderMismatch(f"the text encoder cannot encode any of the first {len(errors)} captions of "
+                                      f"{path!r} (e.g. {caption!r}: {type(e).__name__}: {one_line(e, 200)})")
 
     # -- counts
     def _totals(self, field: str, names) -> dict:
@@ -513,13 +773,21 @@ class ShardLoader:
         if not self.cfg.resampled and self.streams and all(s is not None and s["done"] for s in self.streams):
             self._next_epoch()
         ds = _ShardIterable(self.paths, self.cfg, self.text, self.rank, self.world_size, self.num_streams,
-                            self.epoch, self.epoch_step % self.num_streams, list(self.streams))
+                            self.epoch, self.epoch_step % self.num_streams, list(self.streams), self.allow_repeats)
         w = self.cfg.num_workers
         loader = DataLoader(ds, batch_size=None, num_workers=w, collate_fn=_identity, pin_memory=self.pin_memory,
                             prefetch_factor=self.cfg.prefetch_factor if w > 0 else None, persistent_workers=False)
         it = iter(loader)
         try:
-            for item in it:
+            while True:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    break
+                except RuntimeError as e:  # the loader's own failure: a worker process died (killed, out of memory)
+                    raise self.worker_died(e) from None
+                if "_error" in item:
+                    raise DataError(item["_error"])
                 st = item.pop("_state")
                 self.streams[st["stream"]] = st
                 if "pixel_values" not in item:
@@ -528,9 +796,32 @@ class ShardLoader:
                 self.epoch_step += 1
                 yield item
         finally:
+            # explicitly: a pending exception's traceback keeps the iterator alive, and its workers (started with
+            # SIGTERM blocked by the trainer) would then outlive the process's exit, which waits for them
+            _stop_workers(it)
             del it
         if not self.cfg.resampled:
             self._next_epoch()
+
+    def worker_died(self, error: BaseException) -> DataError:
+        """A one-line DataError for a loader worker that died, naming the shards its stream had open (from the
+        last state each stream sent)."""
+        open_shards = []
+        for st in self.streams:
+            if st is None:
+                continue
+            for visit, _ in st["slots"]:
+                if visit >= 0:
+                    if self.cfg.resampled:
+                        shard = _resampled_shard(len(self.paths), self.cfg, self.rank, st["stream"], visit)
+                    else:
+                        mine = _epoch_shards(len(self.paths), self.cfg, self.rank, self.world_size, st["stream"],
+                                             self.num_streams, self.epoch)
+                        shard = mine[visit] if visit < len(mine) else None
+                    if shard is not None and self.paths[shard] not in open_shards:
+                        open_shards.append(self.paths[shard])
+        where = f" (open shards: {', '.join(repr(p) for p in open_shards[:4])})" if open_shards else ""
+        return DataError(f"rank {self.rank}: a data loader worker failed{where}: {one_line(error)}")
 
     def _next_epoch(self) -> None:
         for st in self.streams:

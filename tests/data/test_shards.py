@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from blip2fast.data.captions import clean_caption
-from blip2fast.data.shards import (SAMPLE_REASONS, ShardLoader, WebDataConfig, buffered_order, expand_shards,
-                                   index_shard)
+from blip2fast.data.shards import (SAMPLE_REASONS, DataError, ShardLoader, WebDataConfig, buffered_order,
+                                   expand_shards, index_shard)
 from blip2fast.data.synthetic import WordTokenizer
 from blip2fast.data.tokenize import DecoderOnlyText, EncoderDecoderText, Stage1Text, load_bert_tokenizer
 from tests.data.conftest import EXPECTED_SHARD_ERRORS, EXPECTED_SKIPS, WORDS, caption_for
@@ -21,9 +21,9 @@ def word_text(max_len: int = 12) -> Stage1Text:
     return Stage1Text(WordTokenizer(WORDS, max_len), max_len)
 
 
-def loader(pattern, text=None, rank=0, world=1, **kw) -> ShardLoader:
+def loader(pattern, text=None, rank=0, world=1, check=True, **kw) -> ShardLoader:
     cfg = WebDataConfig(urls=pattern, image_size=S, **{"batch_size": 4, "num_workers": 0, **kw})
-    return ShardLoader(cfg, text or word_text(), rank=rank, world_size=world)
+    return ShardLoader(cfg, text or word_text(), rank=rank, world_size=world, check=check)
 
 
 def take(it, n):
@@ -122,7 +122,9 @@ def test_resampled_corrupt_set_runs_and_counts_every_draw(corrupt_shards):
     assert all(k in set(corrupt_shards["good"]) for b in batches for k in b["keys"])
     st = L.state_dict()
     draws = sum(s["draws"] for s in st["streams"])
-    assert draws == L.samples_seen + sum(L.skipped.values()) and L.samples_seen == 180
+    repeats = sum(s["duplicates"] for s in st["streams"])  # a sample already in the batch being built
+    assert draws == L.samples_seen + sum(L.skipped.values()) + repeats and L.samples_seen == 180
+    assert all(len(set(b["keys"])) == len(b["keys"]) for b in batches)
     assert L.skipped["bad_image"] > 0 and L.shard_errors["unreadable"] > 0
 
 
@@ -200,9 +202,12 @@ def test_stage2_batches(clean_shards, bert_dir):
 
 def test_all_broken_shards_stop_with_an_error(corrupt_shards):
     broken = corrupt_shards["paths"][5]  # not a tar
-    with pytest.raises(RuntimeError, match="no samples"):
-        take(loader(broken), 1)
-    L = loader(broken, resampled=False)
+    with pytest.raises(DataError, match=r"no usable shard in .*shard-05.tar' is not a tar archive$"):
+        loader(broken)
+    # found only while reading (the start-up check skipped): resampled mode stops once every shard is known bad
+    with pytest.raises(DataError, match=r"no usable shard left: all 1 shard\(s\) are empty or unreadable"):
+        take(loader(broken, check=False), 1)
+    L = loader(broken, resampled=False, check=False)
     assert list(L) == [] and L.shard_errors["unreadable"] == 1
 
 
@@ -212,6 +217,7 @@ def test_shard_list_and_config_errors(clean_shards, tmp_path):
     assert expand_shards(paths[:2]) == paths[:2]
     with pytest.raises(FileNotFoundError, match="2 of 3 shard.*nope-1.tar"):
         expand_shards(f"{paths[0]}::{tmp_path}/nope-{{1..2}}.tar")
+    (tmp_path / "x.tar.gz").write_bytes(b"gzip")
     with pytest.raises(ValueError, match="tar.gz"):
         expand_shards(f"{tmp_path}/x.tar.gz")
     with pytest.raises(ValueError, match="batch_size=0"):

@@ -158,7 +158,7 @@ def corrupt_shards(tmp_path_factory, demo_cache):
         f.write(b"not a tar file\n" * 64)
     total = CORRUPT_SHARDS * (GOOD_PER_SHARD + len(_BAD_KINDS)) + 2
     return {"pattern": str(root / "shard-{00..05}.tar"), "paths": paths, "expected_skips": expected,
-            "expected_shard_errors": {"unreadable": 1, "truncated": 1, "bad_header": 0},
+            "expected_shard_errors": {"unreadable": 1, "truncated": 1, "bad_header": 0, "empty": 0},
             "good": CORRUPT_SHARDS * GOOD_PER_SHARD + 1, "total": total}
 
 

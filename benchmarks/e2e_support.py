@@ -25,6 +25,7 @@ import torch
 from blip2fast import Blip2
 from blip2fast.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig, blip2_stage1_vit_g
 from op_timing import median_ms, peak_bytes, sync, time_once_ms
+from blip2fast._hf import load_pretrained
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -282,7 +283,7 @@ def transformers_peer(model: Blip2, kind: str, folder: str, image_token_index: O
     if load_dtype is None:
         load_dtype = torch.bfloat16 if GPU else torch.float32
     # loaded on the CPU, then moved: a device_map needs accelerate, which the GPU machine may not have
-    theirs, info = cls.from_pretrained(folder, dtype=load_dtype, output_loading_info=True)
+    theirs, info = load_pretrained(cls, folder, dtype=load_dtype, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     assert not bad, f"transformers did not load every weight of the export: {bad}"
     theirs.to(DEVICE)

@@ -47,6 +47,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .._hf import load_pretrained
 from ..config import CLIP_MEAN, CLIP_STD, Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from .keymap import rename_part, rename_state_dict
 from .lavis import _LAYER_PARTS as _LAVIS_LAYER_PARTS
@@ -496,7 +497,7 @@ def _load_tokenizer(folder: str):
     from transformers import AddedToken, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = load_pretrained(AutoTokenizer, folder)
     except Exception as e:  # noqa: BLE001 - a broken tokenizer should not stop the weights from being saved
         warnings.warn(f"save_hf: could not load the tokenizer in llm.path={folder!r} ({e}); no tokenizer or "
                       "processor is saved", stacklevel=3)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._hf import load_pretrained
 from .prefix_lm import prefix_lm_split_batch
 
 TextEncoder = Callable[[Sequence[str], int], dict]
@@ -38,7 +39,7 @@ def load_tokenizer(path: str, **kwargs) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader workers fork after the tokenizer loads
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    return load_pretrained(AutoTokenizer, path, **kwargs)
 
 
 def load_bert_tokenizer(path: str) -> Any:
@@ -50,7 +51,7 @@ def load_bert_tokenizer(path: str) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import BertTokenizerFast
 
-    tok = BertTokenizerFast.from_pretrained(path, local_files_only=True, truncation_side="right")
+    tok = load_pretrained(BertTokenizerFast, path, truncation_side="right")
     if tok.bos_token != "[DEC]":
         tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from .._hf import load_pretrained
 from ..config import LLMConfig
 
 T5_EXACT_GELU = "gelu"  # what our model runs (torch's exact GELU)
@@ -31,7 +32,7 @@ def load_llm_config(cfg: LLMConfig) -> Any:
         if not os.path.isfile(os.path.join(cfg.path, "config.json")):
             raise FileNotFoundError(f"llm.path={cfg.path!r} holds no config.json: give a local folder saved by "
                                     "transformers (save_pretrained) with the LLM's weights")
-        hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+        hf_cfg = load_pretrained(AutoConfig, cfg.path)
     else:
         d = dict(cfg.hf_config)
         if "model_type" not in d:
@@ -49,7 +50,7 @@ def build_llm(cfg: LLMConfig, dtype) -> nn.Module:
     hf_cfg = load_llm_config(cfg)
     auto = AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else AutoModelForCausalLM
     if cfg.path is not None:
-        return auto.from_pretrained(cfg.path, config=hf_cfg, dtype=dtype, local_files_only=True)
+        return load_pretrained(auto, cfg.path, config=hf_cfg, dtype=dtype)
     return auto.from_config(hf_cfg, dtype=dtype)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
+from blip2fast._hf import load_pretrained
 from blip2fast.config import VisionConfig
 from blip2fast.models.vision import check_pixel_values
 
@@ -63,7 +64,7 @@ def load_hf_vision_model(path: Optional[str], dtype: Optional[torch.dtype] = Non
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = load_pretrained(AutoConfig, path)
     except Exception as e:  # unknown model_type, malformed json, ...
         raise ValueError(f"HF vision tower folder {path!r}: transformers cannot read its config.json ({e})") from e
     sub = getattr(config, "vision_config", None)
@@ -83,12 +84,12 @@ def load_hf_vision_model(path: Optional[str], dtype: Optional[torch.dtype] = Non
             f"{getattr(cls, 'main_input_name', None)!r}, not pixel_values, so it is not a vision model"
         )
 
-    kwargs: dict = dict(config=sub, local_files_only=True, output_loading_info=True)
+    kwargs: dict = dict(config=sub, output_loading_info=True)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if getattr(cls, "_supports_sdpa", False):
         kwargs["attn_implementation"] = "sdpa"
-    model, info = cls.from_pretrained(path, **kwargs)
+    model, info = load_pretrained(cls, path, **kwargs)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(

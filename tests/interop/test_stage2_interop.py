@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from blip2fast import Blip2
 from tests.helpers import rel_err
 from tests.models.test_stage2 import images, llm_configs, make_model, text_batch
+from blip2fast._hf import load_pretrained
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("blip2fast.checkpoint.hf")
@@ -84,7 +85,7 @@ def test_our_save_runs_in_transformers(tmp_path, kind):
     ours = with_image_token(make_model(kind, seed=21))
     with pytest.warns(UserWarning):  # ln_vision eps differs from the blocks' (LAVIS layout): said when saving
         ours.save_pretrained(str(tmp_path))
-    theirs, info = transformers.Blip2ForConditionalGeneration.from_pretrained(str(tmp_path),
+    theirs, info = load_pretrained(transformers.Blip2ForConditionalGeneration, str(tmp_path),
                                                                               output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     theirs.eval()
@@ -99,7 +100,7 @@ def test_transformers_folder_runs_in_blip2fast(tmp_path, kind):
     src.ln_vision.eps = src.config.vision.layer_norm_eps
     with pytest.warns(UserWarning):
         src.save_pretrained(str(tmp_path / "first"))
-    theirs = transformers.Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "first")).eval()
+    theirs = load_pretrained(transformers.Blip2ForConditionalGeneration, str(tmp_path / "first")).eval()
     with torch.no_grad():  # make the transformers model differ from anything we wrote
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.01)

@@ -14,6 +14,7 @@ from blip2fast import Blip2
 from blip2fast.config import LLMConfig, blip2_tiny
 from blip2fast.data.prefix_lm import prefix_lm_split, prefix_lm_split_batch
 from tests.helpers import rel_err
+from blip2fast._hf import load_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -217,7 +218,7 @@ def test_llm_loads_from_a_local_folder(tmp_path):
     torch.manual_seed(5)
     transformers.OPTForCausalLM(cfg).save_pretrained(tmp_path)
     m = Blip2(blip2_tiny().replace(llm=LLMConfig(path=str(tmp_path), dtype="float32")))
-    ref = transformers.OPTForCausalLM.from_pretrained(tmp_path)
+    ref = load_pretrained(transformers.OPTForCausalLM, tmp_path)
     for (n, p), (_, q) in zip(m.language_model.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
     assert next(m.language_model.parameters()).dtype == torch.float32

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
-LAVIS_TINY = os.path.normpath(os.path.join(SHARED, "reference", "lavis-stage1-tiny"))
+# LAVIS's own stage-1 outputs on a tiny model, and the BERT tokenizer they used: in the repository (see its README)
+LAVIS_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "lavis-stage1-tiny")
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -15,6 +15,16 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.detach().double(), expected.detach().double()
     assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def assert_itg_logits_match(logits: torch.Tensor, ref: dict, tol: float) -> None:
+    """Our (B, T, V) ITG logits against the LAVIS reference's compact record of its logits (the fixture keeps the
+    log-sum-exp over the vocabulary at every position and the logits at a fixed set of vocabulary columns: every
+    label id plus seeded random ones; tests/fixtures/lavis-stage1-tiny/compact.py)."""
+    assert tuple(logits.shape) == tuple(ref["itg_logits_shape"].tolist())
+    lse = torch.logsumexp(logits.detach().double(), dim=-1)
+    assert rel_err(lse, ref["itg_logits_lse"]) < tol
+    assert rel_err(logits[..., ref["itg_logit_columns"]], ref["itg_logits_at_columns"]) < tol
 
 
 def triton_test_device(interpreted: bool) -> str:

@@ -23,7 +23,6 @@ from tests.helpers import LAVIS_TINY
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAVIS_PTH = os.path.join(LAVIS_TINY, "lavis_tiny.pth")
 BERT = os.path.join(LAVIS_TINY, "tokenizer")
-needs_lavis = pytest.mark.skipif(not os.path.isfile(LAVIS_PTH), reason=f"LAVIS tiny reference not at {LAVIS_TINY}")
 CAPTIONS = [["a dog runs on the grass.", "A brown dog in a park"], ["two cats sleep on a red sofa"],
             ["a man rides a bicycle", "someone cycling down the street", "a bike on a road"],
             ["a plate of food with rice"]]
@@ -59,7 +58,6 @@ def run_cli(args, capsys):
     return record, capsys.readouterr().out
 
 
-@needs_lavis
 def test_retrieval_cli_subprocess(coco, tmp_path):
     """The real command: `python -m blip2fast.eval retrieval` with the LAVIS .pth."""
     out = tmp_path / "r.json"
@@ -87,7 +85,6 @@ def write_shard(path, samples):
                 tf.addfile(info, io.BytesIO(data))
 
 
-@needs_lavis
 def test_retrieval_cli_on_shards(tmp_path, capsys):
     samples = [(f"{i:04d}", {"jpg": image_bytes(10 + i, "JPEG"), "txt": "\n".join(c).encode()})
                for i, c in enumerate(CAPTIONS)]
@@ -102,7 +99,6 @@ def test_retrieval_cli_on_shards(tmp_path, capsys):
     assert "retrieval: 4 images, 7 texts" in printed and json.loads(out.read_text())["settings"]["resize"] == "crop"
 
 
-@needs_lavis
 def test_caption_cli_qformer_decoder(coco, tmp_path, capsys, monkeypatch):
     """Stage-1 captioning; the metric call is replaced (pycocoevalcap has its own test) to check what it gets."""
     seen = {}

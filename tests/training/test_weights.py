@@ -48,8 +48,6 @@ def bert_folder(tmp_path_factory):
 
 
 def test_stage1_from_lavis_tower_and_bert_on_real_captions(tmp_path, real_shards, bert_folder):
-    if not os.path.isfile(LAVIS_PTH):
-        pytest.skip(f"{LAVIS_PTH} is absent")
     base = tiny_config(tmp_path / "run", steps=3, every=3, batch=4)
     cfg = base.replace(model=blip2_tiny(dtype="bfloat16"), weights=WeightsConfig(vision=LAVIS_PTH, bert=bert_folder),
                        data=DataConfig(urls=real_shards, batch_size=4, num_workers=0, augment=True),
@@ -71,8 +69,6 @@ def test_stage1_from_lavis_tower_and_bert_on_real_captions(tmp_path, real_shards
 
 
 def test_stage2_from_a_lavis_stage1_checkpoint(tmp_path, llm_folders, demo_cache):
-    if not os.path.isfile(LAVIS_PTH):
-        pytest.skip(f"{LAVIS_PTH} is absent")
     base = tiny_config(tmp_path / "run", steps=2, batch=4)
     model = blip2_tiny(dtype="bfloat16").replace(llm=LLMConfig(path="", dtype="float32", max_text_len=12))
     cfg = base.replace(stage=2, model=model, weights=WeightsConfig(llm=llm_folders["opt"], stage1=LAVIS_PTH),

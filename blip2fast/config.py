@@ -111,7 +111,7 @@ class Blip2Config:
     def __post_init__(self) -> None:
         errors = validate(self)
         if errors:
-            raise ValueError("invalid Blip2Config:\n  " + "\n  ".join(errors))
+            raise ValueError("invalid Blip2Config: " + "; ".join(errors))  # one line, every problem
 
     def replace(self, **changes: Any) -> "Blip2Config":
         return dataclasses.replace(self, **changes)

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import sys
 import typing
@@ -172,7 +173,7 @@ class TrainConfig:
     def __post_init__(self):
         errors = validate(self)
         if errors:
-            raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
+            raise ConfigError("invalid training config: " + "; ".join(errors))  # one line, every problem
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -190,8 +191,49 @@ class ConfigError(ValueError):
     """A bad command line or config value; the message names the key."""
 
 
+def _numbers(obj, prefix: str = ""):
+    """(dotted key, value) of every int / float field of a config tree, tuple elements as key[i]; bools and dict
+    fields (a transformers config) are not numbers here."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, tuple):
+            for i, x in enumerate(value):
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    yield f"{key}[{i}]", x
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+
+
+# Ranges of the numeric fields (beyond the ones checked below with their own wording). Every float must also be
+# finite: a NaN passes every comparison and would surface as a traceback deep in the optimiser or the model.
+_POSITIVE = ("optim.eps", "model.ln_vision_eps", "model.temp_init", "model.vision.layer_norm_eps",
+             "model.qformer.layer_norm_eps", "model.vision.image_size", "model.vision.patch_size",
+             "model.vision.width", "model.vision.depth", "model.vision.heads", "model.vision.mlp_hidden",
+             "model.qformer.hidden_size", "model.qformer.num_layers", "model.qformer.num_heads",
+             "model.qformer.intermediate_size", "model.qformer.num_query_tokens", "model.qformer.vocab_size",
+             "model.qformer.max_position_embeddings", "model.embed_dim", "model.max_text_len",
+             "model.llm.max_text_len", "eval.size")
+_NON_NEGATIVE = ("eval.rerank_k", "model.qformer.pad_token_id", "model.qformer.cls_token_id",
+                 "model.qformer.sep_token_id", "model.qformer.dec_token_id")
+_UNIT_INTERVAL = ("model.itc_label_smoothing", "model.itg_label_smoothing", "model.qformer.hidden_dropout",
+                  "model.qformer.attention_dropout")  # [0, 1)
+
+
+def _numeric_errors(cfg: TrainConfig) -> list[str]:
+    values = dict(_numbers(cfg))
+    errs = [f"{k}={v}: must be a finite number" for k, v in values.items()
+            if isinstance(v, float) and not math.isfinite(v)]
+    bad = {k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+    for keys, ok, what in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (_UNIT_INTERVAL, lambda v: 0 <= v < 1, "in [0, 1)")):
+        errs += [f"{k}={values[k]}: must be {what}" for k in keys if k in values and k not in bad and not ok(values[k])]
+    return errs
+
+
 def validate(cfg: TrainConfig) -> list[str]:
-    errs = []
+    errs = _numeric_errors(cfg)
     if cfg.stage not in (1, 2):
         errs.append(f"stage={cfg.stage}: must be 1 or 2")
     if cfg.stage == 2 and cfg.model.llm is None:
@@ -203,7 +245,7 @@ def validate(cfg: TrainConfig) -> list[str]:
                 "data.max_words": cfg.data.max_words, "data.demo_samples": cfg.data.demo_samples,
                 "eval.size": cfg.eval.size, "schedule.accum_steps": cfg.schedule.accum_steps,
                 "checkpoint.keep": cfg.checkpoint.keep, "logging.every": cfg.logging.every}
-    errs += [f"{k}={v}: must be >= 1" for k, v in positive.items() if v < 1]
+    errs += [f"{k}={v}: must be >= 1" for k, v in positive.items() if v < 1]  # eval.size: also in _POSITIVE
     non_negative = {"data.num_workers": cfg.data.num_workers, "schedule.steps": cfg.schedule.steps,
                     "schedule.warmup_steps": cfg.schedule.warmup_steps, "eval.every": cfg.eval.every,
                     "checkpoint.every": cfg.checkpoint.every, "optim.lr": cfg.optim.lr,
@@ -212,7 +254,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     errs += [f"{k}={v}: must be >= 0" for k, v in non_negative.items() if v < 0]
     if cfg.schedule.min_lr > cfg.optim.lr:
         errs.append(f"schedule.min_lr={cfg.schedule.min_lr} is above optim.lr={cfg.optim.lr}")
-    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+    if all(math.isfinite(b) for b in cfg.optim.betas) and not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         errs.append(f"optim.betas={cfg.optim.betas}: each must be in [0, 1)")
     if cfg.stage == 1 and cfg.data.batch_size == 1:
         errs.append(f"data.batch_size={cfg.data.batch_size}: stage 1 needs >= 2 (ITM draws a negative from the "

@@ -1,10 +1,13 @@
 """`python -m blip2fast.eval {retrieval,caption,vqa} --model=PATH --data=...`: prints a table, writes JSON.
 
     retrieval  --data=ANNOTATIONS.json --images=DIR  or  --data='shards/{000..009}.tar'   [--k=128]
-    caption    the same data; --decoder=llm (stage 2, prompt "a photo of") or qformer (stage 1)
+    caption    the same data; --decoder=llm (stage 2, prompt "a photo of") or qformer (stage 1; the default for a
+               model without an LLM)
     vqa        --data=QUESTIONS.json --images=DIR [--annotations=ANNOTATIONS.json]  (VQAv2 layout)
 
---model: a LAVIS `.pth` or a transformers BLIP-2 folder (`Blip2.from_pretrained`); --config: a preset name
+--model: a blip2fast run folder (its model/ folder, else its latest checkpoint), a model folder written by a run or
+`save_pretrained(kind="native")`, a checkpoint folder, a transformers BLIP-2 folder or a LAVIS `.pth`
+(`Blip2.from_pretrained`); --config: a preset name
 (stage1_vit_g, stage1_vit_l, tiny) or a JSON file of `Blip2Config.to_dict()` when the checkpoint's sizes cannot be
 inferred. Tokenizers are local folders: --tokenizer (the Q-Former's bert-base-uncased, for retrieval and
 qformer captions) and --llm_tokenizer (captions and VQA with the LLM); by default the model folder, then
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--model", required=True, help="LAVIS .pth file or transformers BLIP-2 folder (local)")
+    p.add_argument("--model", required=True, help="blip2fast run / model / checkpoint folder, transformers BLIP-2 folder "
+                                                  "or LAVIS .pth (local)")
     p.add_argument("--data", required=True, help="annotation/questions .json, or .tar shard pattern(s)")
     p.add_argument("--images", default=None, help="image folder for an annotation/questions file")
     p.add_argument("--annotations", default=None, help="vqa: VQAv2 annotations .json (answers); omit to only predict")
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_len", type=int, default=None, help="retrieval: caption tokens (default: the model's)")
     p.add_argument("--max_words", type=int, default=50, help="retrieval: caption cleaning keeps this many words")
     # generation
-    p.add_argument("--decoder", default="llm", choices=("llm", "qformer"), help="caption: which decoder")
+    p.add_argument("--decoder", default=None, choices=("llm", "qformer"),
+                   help="caption: which decoder (default: the LLM when the model has one, else the Q-Former)")
     p.add_argument("--prompt", default=None,
                    help='caption: text prompt (default "a photo of" for the LLM, none for the Q-Former); vqa: '
                         'a template with {} (default: the paper\'s per LLM family)')
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(parser: argparse.ArgumentParser, msg: str):
-    parser.error(msg)
+    """One line naming the value and the fix (argparse's own parse errors keep their usage line)."""
+    print(f"{parser.prog}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -92,7 +99,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.text_len is not None and a.text_len < 2:
         _fail(p, f"--text_len={a.text_len} must be >= 2 ([CLS] and [SEP])")
     if not (os.path.isfile(a.model) or os.path.isdir(a.model)):
-        _fail(p, f"--model={a.model!r} does not exist (a local LAVIS .pth file or transformers folder)")
+        _fail(p, f"--model={a.model!r} does not exist (a blip2fast run or model folder, a checkpoint folder, a "
+                 "transformers BLIP-2 folder or a LAVIS .pth file)")
     if a.images is not None and not os.path.isdir(a.images):
         _fail(p, f"--images={a.images!r} is not a folder")
     if a.annotations is not None and a.task != "vqa":
@@ -160,7 +168,12 @@ def load_config(spec: Optional[str], dtype: str) -> Optional[Blip2Config]:
 def load_model(path: str, config: Optional[Blip2Config], dtype: str, device: torch.device):
     from ..models.blip2 import Blip2
 
-    model = Blip2.from_pretrained(path, config=config, vision_dtype=dtype, llm_dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        # a run folder's checkpoint rebuilds the model through the training code, whose notes are not news here
+        warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+        model = Blip2.from_pretrained(path, config=config, vision_dtype=dtype, llm_dtype=dtype)
     return model.to(device).eval()
 
 
@@ -176,7 +189,8 @@ def find_tokenizer_folder(given: Optional[str], candidates: Sequence[Optional[st
         if _has_tokenizer(c):
             return c
     looked = [c for c in candidates if c]
-    raise SystemExit(f"no tokenizer: pass --{flag}=FOLDER (a local tokenizer folder); looked in {looked}")
+    raise SystemExit(f"python -m blip2fast.eval: error: no tokenizer found: pass --{flag}=FOLDER (a local tokenizer "
+                     f"folder); looked in {looked}")
 
 
 def amp_of(name: str):
@@ -344,12 +358,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"--data: {e}") from None
     try:
         model = load_model(a.model, load_config(a.config, dtype), dtype, device)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(f"--model={a.model!r}: {e}") from None
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as e:
+        _fail(parser, f"--model={a.model!r}: {e}")
+    from ..checkpoint.native import find_qformer_tokenizer
+
+    if a.decoder is None:
+        a.decoder = "llm" if model.config.llm is not None else "qformer"
     model_dir = a.model if os.path.isdir(a.model) else None
     llm_path = model.config.llm.path if model.config.llm is not None else None
     if a.task == "retrieval" or (a.task == "caption" and a.decoder == "qformer"):
-        folder = find_tokenizer_folder(a.tokenizer, [model_dir], "tokenizer")
+        folder = find_tokenizer_folder(a.tokenizer, [find_qformer_tokenizer(a.model), model_dir], "tokenizer")
     else:
         folder = find_tokenizer_folder(a.llm_tokenizer, [model_dir, llm_path], "llm_tokenizer")
     if a.task == "retrieval":

@@ -122,26 +122,49 @@ class Blip2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[Blip2Config] = None, strict: bool = False,
-                        vision_dtype: str = "float16", llm_dtype: str = "float16") -> "Blip2":
-        """Load a local checkpoint: a LAVIS `.pth` file (`{"model": state_dict}`), or a transformers folder saved
-        from `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval` (safetensors, sharded too). Sizes come
-        from `config`, else from the folder's config.json or, for LAVIS, the tensor shapes (paper presets). Keys
-        not used, and parameters left at their fresh initialisation, are reported by name (a warning, or an error
-        with strict=True). `vision_dtype` / `llm_dtype` apply when the config is derived here."""
-        import os
+                        vision_dtype: Optional[str] = None, llm_dtype: Optional[str] = None) -> "Blip2":
+        """Load a local model, whatever wrote it:
 
-        if os.path.isdir(path):
+        - a native folder (`save_native`: any towers, tokenizer included), or a blip2fast run folder (its
+          native folder <run>/model, else its latest checkpoint), or a checkpoint folder (step_*);
+        - a transformers folder saved from `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval`;
+        - a LAVIS `.pth` file (`{"model": state_dict}`).
+        Sizes come from `config`, else from the source (native JSON, the run's recorded config, config.json, or the
+        LAVIS tensor shapes). For transformers / LAVIS sources, keys not used and parameters left fresh are
+        reported by name (a warning, or an error with strict=True); native folders and checkpoints are exact.
+        `vision_dtype` / `llm_dtype` override the storage dtypes (default: the source's, float16 for the
+        transformers / LAVIS towers)."""
+        from ..checkpoint.native import load_native, model_source
+
+        kind, where = model_source(path)
+        if kind == "native":
+            return load_native(cls, where, config=config, vision_dtype=vision_dtype, llm_dtype=llm_dtype)
+        if kind == "checkpoint":
+            from ..training.model import model_from_checkpoint
+
+            if config is not None:
+                raise ValueError(f"{path!r} is a blip2fast checkpoint: its config is the run's; pass no config")
+            return model_from_checkpoint(where, vision_dtype=vision_dtype, llm_dtype=llm_dtype)
+        if kind == "hf":
             from ..checkpoint.hf import load_hf
 
-            return load_hf(cls, path, config=config, strict=strict, vision_dtype=vision_dtype,
-                           llm_dtype=llm_dtype)
+            return load_hf(cls, where, config=config, strict=strict, vision_dtype=vision_dtype or "float16",
+                           llm_dtype=llm_dtype or "float16")
         from ..checkpoint.lavis import load_lavis
 
-        return load_lavis(cls, path, config=config, strict=strict, vision_dtype=vision_dtype)
+        return load_lavis(cls, where, config=config, strict=strict, vision_dtype=vision_dtype or "float16")
 
-    def save_pretrained(self, path: str, kind: Optional[str] = None) -> None:
-        """Write a transformers folder: "generation" (`Blip2ForConditionalGeneration`, the default with an LLM) or
-        "retrieval" (`Blip2ForImageTextRetrieval`). transformers loads it with no missing or unexpected keys."""
+    def save_pretrained(self, path: str, kind: Optional[str] = None, tokenizer=None) -> None:
+        """Write the model to `path`. kind="native" (blip2fast's folder: any towers, the LLM named by path, the
+        Q-Former `tokenizer` if given; see checkpoint/native.py), or a transformers folder: "generation"
+        (`Blip2ForConditionalGeneration`, the default with an LLM) or "retrieval" (`Blip2ForImageTextRetrieval`,
+        the default without), which transformers loads with no missing or unexpected keys but which holds an EVA
+        tower only."""
+        if kind == "native":
+            from ..checkpoint.native import save_native
+
+            save_native(self, path, tokenizer=tokenizer)
+            return
         from ..checkpoint.hf import save_hf
 
         save_hf(self, path, kind=kind)

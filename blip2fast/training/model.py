@@ -20,13 +20,13 @@ import dataclasses
 import os
 import re
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..config import Blip2Config
 from ..models.blip2 import Blip2
-from .checkpoint import find_checkpoint, read_state_dict_file
+from .checkpoint import find_checkpoint, load_model_tensors, read_json, read_state_dict_file
 from .config import ConfigError, TrainConfig
 
 RANDOM = "random"
@@ -34,10 +34,124 @@ _STAGE2_FROZEN = re.compile(r"^(vision_proj|text_proj|itm_head|temp)(\.|$)|^qfor
                             r"position)_embeddings)\.|^qformer\.layers\.\d+\.ffn\.")
 
 
+# ------------------------------------------------------------------------------------------------ paths
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path and path != RANDOM else path
+
+
+def _absolute_urls(urls: str) -> str:
+    """Each "::"-joined local pattern made absolute; remote ones (scheme://, pipe:) are left as they are."""
+    if not urls:
+        return urls
+    return "::".join(u if ("://" in u or u.startswith("pipe:")) else _absolute(u) for u in urls.split("::"))
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with every local path made absolute, so the run's config.json (and what is loaded from it later, from
+    any working directory) names the same files."""
+    w, m, d, e = cfg.weights, cfg.model, cfg.data, cfg.eval
+    w = dataclasses.replace(w, vision=_absolute(w.vision), bert=_absolute(w.bert), llm=_absolute(w.llm),
+                            stage1=_absolute(w.stage1))
+    if m.vision.hf_path:
+        m = m.replace(vision=dataclasses.replace(m.vision, hf_path=_absolute(m.vision.hf_path)))
+    if m.llm is not None and m.llm.path:
+        m = m.replace(llm=dataclasses.replace(m.llm, path=_absolute(m.llm.path)))
+    tok = d.tokenizer if d.tokenizer in ("", "demo") else _absolute(d.tokenizer)
+    d = dataclasses.replace(d, urls=_absolute_urls(d.urls), tokenizer=tok)
+    e = dataclasses.replace(e, urls=_absolute_urls(e.urls))
+    c = cfg.checkpoint
+    c = dataclasses.replace(c, dir=_absolute(c.dir) if c.dir else c.dir)
+    return cfg.replace(weights=w, model=m, data=d, eval=e, checkpoint=c)
+
+
+# ------------------------------------------------------------------------------------------------ stage 1 -> 2
+def stage1_model_config(path: str) -> Optional[Blip2Config]:
+    """The Blip2Config a stage-1 model was trained with (cheap: JSON only), or None where the source does not say
+    (a LAVIS .pth, or a checkpoint written before the resolved config was recorded)."""
+    from ..checkpoint.native import model_source, native_config
+
+    kind, folder = model_source(path)
+    if kind == "native":
+        return native_config(folder)
+    if kind == "checkpoint":
+        state = read_json(os.path.join(folder, "trainer.json"))
+        return Blip2Config.from_dict(state["model_config"]) if state.get("model_config") else None
+    if kind == "hf":
+        from ..checkpoint.hf import blip2_config_from_hf, read_hf_config
+
+        return blip2_config_from_hf(read_hf_config(folder), with_llm=False)
+    return None
+
+
+# what stage 2 may set differently from the stage-1 model (the rest are sizes and must agree)
+_FREE = {"vision": ("dtype",), "qformer": ("hidden_dropout", "attention_dropout"), "": ()}
+_TOP_SIZES = ("embed_dim", "ln_vision_eps", "max_text_len")
+
+
+def adopt_stage1_config(cfg: TrainConfig, stage1: Optional[Blip2Config]) -> Blip2Config:
+    """Stage 2's model config with the tower, the Q-Former and the ITC sizes of the stage-1 model it starts from.
+    A field the command line changed from the preset must equal the stage-1 model's: otherwise a ConfigError naming
+    each such flag (raised before any large model is loaded). Free fields (dtypes, dropout) keep what was asked."""
+    from .config import PRESETS
+
+    m = cfg.model
+    if stage1 is None:
+        return m
+    base = PRESETS[cfg.preset]().model if cfg.preset in PRESETS else None
+    clashes: list[str] = []
+
+    def merge(section: str, ours, theirs, preset_part):
+        changes = {}
+        for f in dataclasses.fields(ours):
+            mine, s1 = getattr(ours, f.name), getattr(theirs, f.name)
+            asked = preset_part is not None and getattr(preset_part, f.name) != mine
+            if f.name in _FREE[section]:
+                changes[f.name] = mine if asked else s1
+                continue
+            if asked and mine != s1 and not (f.name == "hf_path" and section == "vision"):
+                clashes.append(f"--model.{section}.{f.name}={mine} (the stage-1 model has {s1})")
+            changes[f.name] = s1
+        return dataclasses.replace(ours, **changes)
+
+    vision = merge("vision", m.vision, stage1.vision, base.vision if base else None)
+    if stage1.vision.kind == "hf" and m.vision.kind == "hf" and m.vision.hf_path:
+        vision = dataclasses.replace(vision, hf_path=m.vision.hf_path)  # the same tower from another folder
+    qformer = merge("qformer", m.qformer, stage1.qformer, base.qformer if base else None)
+    top = {}
+    for name in _TOP_SIZES:
+        mine, s1 = getattr(m, name), getattr(stage1, name)
+        if base is not None and getattr(base, name) != mine and mine != s1:
+            clashes.append(f"--model.{name}={mine} (the stage-1 model has {s1})")
+        top[name] = s1
+    if clashes:
+        raise ConfigError(f"--weights.stage1={cfg.weights.stage1!r} is a model of other sizes than this run asks for: "
+                          + "; ".join(clashes) + " -- drop those flags: stage 2 takes the tower and Q-Former sizes "
+                          "from the stage-1 model")
+    return m.replace(vision=vision, qformer=qformer, **top)
+
+
+def _stage2_model(cfg: TrainConfig) -> Blip2Config:
+    """cfg.model with the stage-1 model's sizes (`adopt_stage1_config`); a source that cannot be read is a
+    ConfigError naming --weights.stage1."""
+    path = cfg.weights.stage1
+    if not os.path.exists(path):
+        return cfg.model  # check_weight_paths names the flag
+    try:
+        stage1 = stage1_model_config(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--weights.stage1={path!r}: {e}") from None
+    return adopt_stage1_config(cfg, stage1)
+
+
 def resolve_model_config(cfg: TrainConfig, device: torch.device) -> Blip2Config:
-    """The Blip2Config the run builds: local weight paths filled in, the Q-Former sized from weights.bert, and
-    float32 frozen towers on a CPU (cpu_fp32)."""
+    """The Blip2Config the run builds: local weight paths filled in, the Q-Former sized from weights.bert (stage 1)
+    or taken from the stage-1 model (stage 2, `adopt_stage1_config`), and float32 frozen towers on a CPU
+    (cpu_fp32)."""
     m, w = cfg.model, cfg.weights
+    if cfg.stage == 2 and w.stage1:
+        m = _stage2_model(cfg)
     if m.vision.kind == "hf":
         path = w.vision if w.vision and w.vision != RANDOM else m.vision.hf_path
         if not path:
@@ -94,15 +208,19 @@ def load_vision_weights(model: Blip2, path: str) -> list[str]:
 def read_stage1_weights(path: str) -> tuple[dict, str]:
     """Our-named tensors of a stage-1 model: (state dict, description of the source)."""
     if os.path.isdir(path):
-        from ..checkpoint.hf import hf_state_dict_to_ours, is_hf_folder, read_hf_state_dict
+        from ..checkpoint.native import model_source, read_native_state_dict
 
-        if is_hf_folder(path):
-            sd, _ = hf_state_dict_to_ours(read_hf_state_dict(path))
-            return sd, f"transformers folder {path}"
-        ckpt = find_checkpoint(path)
+        kind, folder = model_source(path)
+        if kind == "native":  # an HF tower is in its vision/ folder, which the stage-2 config points at
+            return read_native_state_dict(folder), f"blip2fast model folder {folder}"
+        if kind == "hf":
+            from ..checkpoint.hf import hf_state_dict_to_ours, read_hf_state_dict
+
+            sd, _ = hf_state_dict_to_ours(read_hf_state_dict(folder))
+            return sd, f"transformers folder {folder}"
         from safetensors.torch import load_file
 
-        return load_file(os.path.join(ckpt, "model.safetensors")), f"blip2fast checkpoint {ckpt}"
+        return load_file(os.path.join(folder, "model.safetensors")), f"blip2fast checkpoint {folder}"
     from ..checkpoint.lavis import convert_lavis_state_dict, read_lavis_state_dict
 
     sd, _ = convert_lavis_state_dict(read_lavis_state_dict(path))
@@ -121,13 +239,16 @@ def load_stage1_weights(model: Blip2, path: str, with_tower: bool) -> tuple[list
     bad = [f"{k}: {tuple(v.shape)} vs model {tuple(state[k].shape)}" for k, v in take.items()
            if tuple(v.shape) != tuple(state[k].shape)]
     if bad:
-        raise ValueError(f"weights.stage1={path!r} ({source}) does not fit the configured model: " + "; ".join(bad[:8])
-                         + " (stage 2 must use the stage-1 model's sizes)")
+        raise ConfigError(f"--weights.stage1={path!r} ({source}) does not fit the configured model: "
+                          + "; ".join(bad[:8]) + " (stage 2 must use the stage-1 model's sizes: give the "
+                          "--model.qformer.* / --model.vision.* values it was trained with)")
     needed = [k for k in state if k.startswith(("qformer.layers.", "query_tokens", "ln_vision."))
               and not _STAGE2_FROZEN.search(k)]
     missing = [k for k in needed if k not in take]
     if missing:
-        raise ValueError(f"weights.stage1={path!r} ({source}) lacks stage-1 weights: {', '.join(missing[:8])}")
+        raise ConfigError(f"--weights.stage1={path!r} ({source}) lacks stage-1 weights: {', '.join(missing[:8])} (give "
+                          "a stage-1 model: a blip2fast run or model folder, a LAVIS .pth or a transformers BLIP-2 "
+                          "folder)")
     with torch.no_grad():
         for k, v in take.items():
             state[k].copy_(v)
@@ -165,11 +286,23 @@ def check_weight_paths(cfg: TrainConfig, mcfg: Blip2Config) -> None:
                                     "nothing is downloaded)")
 
 
-def build_model(cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = print
-                ) -> tuple[Blip2, tuple, list[str]]:
-    """(model on `device`, the prefixes of frozen modules that checkpoints must carry, notes for the log)."""
-    check_weight_paths(cfg, cfg.model)  # before building: a paper-size model takes a while to allocate
-    mcfg = resolve_model_config(cfg, device)
+def _stage1_vision_file(path: str) -> str:
+    """The tower file a stage-1 blip2fast run read (its recorded weights.vision), or "" (none, or not a run)."""
+    from ..checkpoint.native import model_source
+
+    try:
+        kind, folder = model_source(path)
+        if kind != "checkpoint":
+            return ""
+        vision = read_json(os.path.join(folder, "trainer.json"))["config"]["weights"]["vision"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return ""
+    return vision if vision and vision != RANDOM and os.path.isfile(vision) else ""
+
+
+def _assemble(cfg: TrainConfig, mcfg: Blip2Config, bert_init: bool) -> tuple[Blip2, bool, list[str]]:
+    """Blip2(mcfg) with the tower, BERT init (stage 1, if asked) and stage-1 weights (stage 2) loaded; returns
+    (model on the CPU, whether the tower came from a file, notes)."""
     w = cfg.weights
     notes: list[str] = []
     torch.manual_seed(cfg.seed)  # the random parts (and a random tower) are a function of the seed
@@ -177,23 +310,42 @@ def build_model(cfg: TrainConfig, device: torch.device, log: Callable[[str], Non
         warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
         model = Blip2(mcfg)
     tower_from_file = mcfg.vision.kind == "hf"
+    if tower_from_file:
+        notes.append(f"vision tower: transformers folder {mcfg.vision.hf_path}")
     if mcfg.vision.kind != "hf" and w.vision and w.vision != RANDOM:
         notes += load_vision_weights(model, w.vision)
         notes.append(f"vision tower from {w.vision}")
         tower_from_file = True
-    if cfg.stage == 1 and w.bert:
+    if cfg.stage == 1 and w.bert and bert_init:
         from ..checkpoint.bert_init import init_qformer_from_bert
 
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             init_qformer_from_bert(model, w.bert)
         notes.append(f"Q-Former initialised from the BERT in {w.bert}")
-    elif cfg.stage == 1 and cfg.data.tokenizer != "demo":
+    elif cfg.stage == 1 and cfg.data.tokenizer != "demo" and bert_init:
         notes.append("Q-Former: random init (the paper starts from bert-base-uncased: --weights.bert=<folder>)")
     if cfg.stage == 2:
         more, tower = load_stage1_weights(model, w.stage1, with_tower=not tower_from_file)
         notes += more
         tower_from_file = tower_from_file or tower
+    return model, tower_from_file, notes
+
+
+def build_model(cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = print
+                ) -> tuple[Blip2, tuple, list[str]]:
+    """(model on `device`, the prefixes of frozen modules that checkpoints must carry, notes for the log)."""
+    # before building (a paper-size model takes a while to allocate): the paths, and stage 2's sizes against the
+    # stage-1 model's
+    check_weight_paths(cfg, _stage2_model(cfg) if cfg.stage == 2 and cfg.weights.stage1 else cfg.model)
+    mcfg = resolve_model_config(cfg, device)
+    w = cfg.weights
+    if cfg.stage == 2 and not w.vision and mcfg.vision.kind != "hf":
+        file = _stage1_vision_file(w.stage1)  # the stage-1 run's own tower file, when its checkpoint lacks it
+        if file:
+            cfg = cfg.replace(weights=dataclasses.replace(w, vision=file))
+            w = cfg.weights
+    model, tower_from_file, notes = _assemble(cfg, mcfg, bert_init=True)
     if not tower_from_file:
         if w.vision != RANDOM:
             raise ConfigError(f"weights.stage1={w.stage1!r} holds no frozen tower: give --weights.vision=<state dict "
@@ -206,5 +358,37 @@ def build_model(cfg: TrainConfig, device: torch.device, log: Callable[[str], Non
     return model, extra, notes
 
 
-__all__ = ["build_model", "check_weight_paths", "load_stage1_weights", "load_vision_weights", "resolve_model_config",
-           "set_trainable"]
+def model_from_checkpoint(path: str, vision_dtype: Optional[str] = None, llm_dtype: Optional[str] = None) -> Blip2:
+    """The model of a blip2fast checkpoint (a step_* folder, or a run folder's latest), in eval mode on the CPU:
+    the run's config (trainer.json), its tower and stage-1 weights from the paths it recorded, then the checkpoint's
+    tensors. Needs those paths to exist still; a run's native folder (<run>/model) needs nothing else."""
+    folder = find_checkpoint(path)
+    state = read_json(os.path.join(folder, "trainer.json"))
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+    except KeyError:
+        raise ValueError(f"{folder}/trainer.json has no config: not a blip2fast training checkpoint") from None
+    cpu = torch.device("cpu")
+    mcfg = Blip2Config.from_dict(state["model_config"]) if state.get("model_config") else \
+        resolve_model_config(cfg, cpu)
+    if vision_dtype:
+        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, dtype=vision_dtype))
+    if llm_dtype and mcfg.llm is not None:
+        mcfg = mcfg.replace(llm=dataclasses.replace(mcfg.llm, dtype=llm_dtype))
+    for name in ("vision", "stage1"):
+        p = getattr(cfg.weights, name)
+        if p and p != RANDOM and not os.path.exists(p):
+            raise FileNotFoundError(f"{folder} was trained with weights.{name}={p!r}, which is gone: loading a "
+                                    "checkpoint needs it; the run's native folder (<run>/model, written at the end) "
+                                    "does not")
+    from safetensors.torch import load_file
+
+    model, _, _ = _assemble(cfg, mcfg, bert_init=False)
+    set_trainable(model, cfg.stage)
+    load_model_tensors(model, load_file(os.path.join(folder, "model.safetensors")), folder)
+    return model.eval()
+
+
+__all__ = ["absolute_paths", "adopt_stage1_config", "build_model", "check_weight_paths", "load_stage1_weights",
+           "load_vision_weights", "model_from_checkpoint", "resolve_model_config", "set_trainable",
+           "stage1_model_config"]

@@ -51,7 +51,7 @@ from .config import ConfigError, TrainConfig
 from .data import demo_cache_root, ensure_demo_shards, heldout_batch, text_encoder, train_loader
 from .evaluate import evaluate_retrieval, format_retrieval
 from .logging import MetricLogger, peak_flops, step_flops_per_sample
-from .model import build_model
+from .model import absolute_paths, build_model
 from .optim import build_optimizer, lr_at
 from .parallel import shard_frozen_towers_, wrap_ddp
 from .step import StepModule, TrainStep
@@ -162,6 +162,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, print_fn: Callable[[str], None] = print):
         self.t_start = time.perf_counter()
+        cfg = absolute_paths(cfg)  # config.json and checkpoints name files the same from any working directory
         self.cfg = cfg
         self.rank, self.world_size, local_rank = init_distributed(cfg.speed.cuda_graphs)
         self._print = print_fn
@@ -240,6 +241,7 @@ class Trainer:
         if self.rank == 0:
             ckpt.clean_partial(self.run_dir)
             ckpt.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
+        self.tokenizer_dir = self._save_qformer_tokenizer() if self.rank == 0 else None
         self._describe(notes)
         self._stop: Optional[str] = None
         self._export_requested = False
@@ -278,6 +280,25 @@ class Trainer:
         if self.resumed_from:
             self.log(f"  resumed from {self.resumed_from} at step {self.step}")
 
+    def _save_qformer_tokenizer(self) -> Optional[str]:
+        """<run dir>/tokenizer: the Q-Former's tokenizer as a BERT folder (stage 1: the run's own, the demo's words
+        included; stage 2: the stage-1 model's, where it has one), so every folder this run writes evaluates
+        without a --tokenizer flag."""
+        from ..checkpoint.native import TOKENIZER_DIR, find_qformer_tokenizer, has_tokenizer, save_qformer_tokenizer
+
+        folder = os.path.join(self.run_dir, TOKENIZER_DIR)
+        if self.stage == 1:
+            save_qformer_tokenizer(self.text.tokenizer, folder, self.model_config)
+            return folder
+        source = find_qformer_tokenizer(self.cfg.weights.stage1)
+        if source is None:
+            return None
+        if os.path.abspath(source) != os.path.abspath(folder):
+            import shutil
+
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+        return folder if has_tokenizer(folder) else None
+
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
         c = self.cfg
@@ -285,7 +306,8 @@ class Trainer:
                                                 "total_steps": c.schedule.steps, "min_lr": c.schedule.min_lr,
                                                 "lr": self.lr(max(0, self.step - 1))},
                 "samples_seen": self.loader.samples_seen, "skipped": self.loader.skipped,
-                "world_size": self.world_size, "config": c.to_dict(), "time": time.time()}
+                "world_size": self.world_size, "config": c.to_dict(), "model_config": self.model_config.to_dict(),
+                "time": time.time()}
 
     def save(self) -> str:
         path = ckpt.save_checkpoint(self.run_dir, self.step, rank=self.rank, world_size=self.world_size,
@@ -311,22 +333,39 @@ class Trainer:
         if changed:
             self.log(f"  note: the config differs from the checkpoint's in {', '.join(changed)} (resuming anyway)")
 
-    def export(self) -> Optional[str]:
-        """The transformers folder <run dir>/hf (rank 0)."""
+    def export(self, hf: bool = True) -> Optional[str]:
+        """The run's model folders (rank 0): the native folder <run dir>/model (any towers; what eval --model and
+        --weights.stage1 read), and with `hf` the transformers folder <run dir>/hf where its layout can hold the
+        model (the end of a run passes checkpoint.export_hf; SIGUSR1 and export_only always ask). Returns the
+        transformers folder if written, else the native one."""
         if self.rank != 0:
             return None
         if self.sharded or self.cfg.speed.fp8:
             what = "FSDP-sharded" if self.sharded else "float8"
-            self.log(f"  transformers export skipped: the towers are {what} in this run; export from the checkpoint "
-                     f"in one process without --fp8 / --dist.frozen=fsdp: --resume=<checkpoint> "
-                     "--checkpoint.export_only=true")
+            self.log(f"  model export skipped: the towers are {what} in this run; export from the checkpoint in one "
+                     f"process without --fp8 / --dist.frozen=fsdp: --resume=<checkpoint> --checkpoint.export_only=true")
             return None
+        from ..checkpoint.native import RUN_MODEL_DIR, save_native
+
+        native = save_native(self.model, os.path.join(self.run_dir, RUN_MODEL_DIR), tokenizer_folder=self.tokenizer_dir,
+                             preprocess=getattr(self, "preprocess", None))
+        self.logger.event("export", step=self.step, path=native, format="blip2fast")
+        self.log(f"  model folder: {native} (python -m blip2fast.eval retrieval --model={self.run_dir} ...)")
+        self.model_dir = native
+        if not hf:
+            return native
         if self.model_config.vision.kind != "eva":
-            self.log(f"  transformers export skipped: its BLIP-2 layout holds an EVA tower only (vision.kind="
-                     f"{self.model_config.vision.kind!r})")
-            return None
+            self.log(f"  transformers export skipped: transformers' BLIP-2 layout holds an EVA tower only (this run's "
+                     f"vision.kind={self.model_config.vision.kind!r}); use the model folder above")
+            return native
         out = os.path.join(self.run_dir, "hf")
         path, warns = ckpt.export_hf(self.model, out, kind="retrieval" if self.stage == 1 else "generation")
+        from ..checkpoint.native import has_tokenizer
+
+        if has_tokenizer(self.tokenizer_dir):  # the Q-Former's tokenizer (eval --model=<run>/hf finds it there)
+            import shutil
+
+            shutil.copytree(self.tokenizer_dir, os.path.join(path, "qformer_tokenizer"), dirs_exist_ok=True)
         self.logger.event("export", step=self.step, path=path, notes=warns)
         self.log(f"  transformers export: {path}" + (f" ({len(warns)} notes in metrics.jsonl)" if warns else ""))
         return path
@@ -454,7 +493,8 @@ class Trainer:
         total, accum, every = cfg.schedule.steps, cfg.schedule.accum_steps, cfg.logging.every
         if cfg.checkpoint.export_only:
             path = self.export()
-            return {"step": self.step, "export": path, "run_dir": self.run_dir}
+            return {"step": self.step, "export": path, "model": getattr(self, "model_dir", None),
+                    "run_dir": self.run_dir}
         self.logger.event("resume" if self.resumed_from else "start", step=self.step, path=self.resumed_from,
                           world_size=self.world_size, preset=cfg.preset)
         before = self.evaluate("before") if self.step == 0 else None
@@ -525,8 +565,11 @@ class Trainer:
                  f", shard errors {_nonzero(self.loader.shard_errors)}")
         if self._stop is None:
             after = self.evaluate("after")
-            if cfg.checkpoint.export_hf:
-                result["export"] = self.export()
+            exported = self.export(hf=cfg.checkpoint.export_hf)
+            if cfg.checkpoint.export_hf and exported is not None and exported != getattr(self, "model_dir", None):
+                result["export"] = exported
+            if getattr(self, "model_dir", None):
+                result["model"] = self.model_dir
             if after is not None:
                 result.update(after)
                 result["before"] = before

@@ -1,0 +1,143 @@
+"""What a run leaves behind is usable as it is: a stage-1 run with a transformers vision tower writes its model
+folder and tokenizer; `python -m blip2fast.eval` reads the run folder, its model folder and a checkpoint; stage 2
+starts from the run with no size flags (the Q-Former and tower come from it) and captions; a size flag that
+contradicts the stage-1 model is one line, before the LLM is loaded."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from blip2fast.config import VisionConfig
+from blip2fast.training.config import ConfigError, WeightsConfig, parse_cli
+from blip2fast.training.trainer import Trainer
+from tests.training.conftest import tiny_config
+
+transformers = pytest.importorskip("transformers")
+IMG = 32  # the demo shards' image size
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    """A tiny random DINOv2 folder (a final LayerNorm, ImageNet statistics in its preprocessor_config.json)."""
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=48, num_hidden_layers=3,
+                                                               num_attention_heads=4, mlp_ratio=2, image_size=IMG,
+                                                               patch_size=8))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": IMG}, "crop_size": {"height": IMG,
+         "width": IMG}, "do_center_crop": True, "image_mean": [0.485, 0.456, 0.406],
+         "image_std": [0.229, 0.224, 0.225]}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory, demo_cache, tower):
+    run_dir = tmp_path_factory.mktemp("s1") / "run"
+    cfg = tiny_config(run_dir, steps=4, every=2)
+    vision = VisionConfig(kind="hf", hf_path=tower, hf_feature_layer=-2, image_size=IMG, dtype="float32")
+    cfg = cfg.replace(model=cfg.model.replace(vision=vision), weights=WeightsConfig(vision=tower),
+                      checkpoint=dataclasses.replace(cfg.checkpoint, export_hf=True))
+    lines = []
+    out = Trainer(cfg, print_fn=lines.append).fit()
+    assert out["step"] == 4 and out["model"] == str(run_dir / "model")
+    assert "export" not in out and not os.path.exists(run_dir / "hf")  # transformers' layout: EVA towers only
+    assert any("transformers export skipped" in s and "model folder" in s for s in lines), lines
+    return str(run_dir)
+
+
+def _eval(args, capsys):
+    from blip2fast.eval.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = main(args)
+    return record, capsys.readouterr()
+
+
+@pytest.mark.parametrize("which", ["run", "model", "checkpoint"])
+def test_eval_retrieval_reads_the_run_folder(hf_run, demo_cache, tmp_path, capsys, which):
+    from blip2fast.training.checkpoint import latest_checkpoint
+
+    path = {"run": hf_run, "model": os.path.join(hf_run, "model"), "checkpoint": latest_checkpoint(hf_run)}[which]
+    record, printed = _eval(["retrieval", f"--model={path}", f"--data={demo_cache['eval']}", "--limit=12", "--k=4",
+                             "--workers=0", "--device=cpu", f"--out={tmp_path / 'r.json'}"], capsys)
+    m = record["metrics"]
+    assert m["n_images"] == 12 and 0 <= m["i2t_r1"] <= 1 and "retrieval: 12 images" in printed.out
+
+
+def test_run_model_folder_and_checkpoint_hold_the_same_model(hf_run):
+    from blip2fast import Blip2
+    from blip2fast.training.checkpoint import latest_checkpoint
+
+    a = Blip2.from_pretrained(hf_run).eval()  # the run folder: its model/ folder
+    b = Blip2.from_pretrained(latest_checkpoint(hf_run)).eval()  # rebuilt from the run's config + checkpoint
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a.query_output(x), b.query_output(x), rtol=0, atol=0)
+    saved = json.loads(open(os.path.join(hf_run, "config.json")).read())
+    assert os.path.isabs(saved["weights"]["vision"]) and os.path.isabs(saved["checkpoint"]["dir"])
+
+
+def _stage2_args(run_dir, stage1, llm, *extra):
+    return ["--preset=stage2_opt2.7b", f"--weights.stage1={stage1}", f"--weights.llm={llm}", "--steps=2",
+            "--batch_size=4", "--data.num_workers=0", "--logging.every=1", "--logging.tensorboard=false",
+            f"--checkpoint.dir={run_dir}", "--device=cpu", "--model.llm.dtype=float32", *extra]
+
+
+def test_stage2_takes_the_stage1_sizes_and_captions(hf_run, llm_folders, demo_cache, tmp_path, capsys):
+    cfg = parse_cli(_stage2_args(tmp_path / "s2", hf_run, llm_folders["opt"]))
+    assert cfg.model.qformer.hidden_size == 768  # the preset's; the run's model comes from stage 1
+    trainer = Trainer(cfg, print_fn=lambda s: None)
+    s1 = json.loads(open(os.path.join(hf_run, "model", "blip2fast_model.json")).read())["model"]
+    m = trainer.model.config
+    assert dataclasses.asdict(m.qformer) == s1["qformer"] and m.embed_dim == s1["embed_dim"]
+    assert m.vision.kind == "hf" and m.vision.width == s1["vision"]["width"]
+    out = trainer.fit()
+    assert out["step"] == 2 and os.path.isdir(out["model"])
+    record, printed = _eval(["caption", f"--model={tmp_path / 's2'}", f"--data={demo_cache['eval']}", "--limit=4",
+                             "--workers=0", "--device=cpu", "--num_beams=1", "--max_new_tokens=4",
+                             f"--out={tmp_path / 'c.json'}"], capsys)
+    assert record["settings"]["decoder"] == "llm" and len(record["predictions"]) == 4
+    # the stage-2 run carries the stage-1 Q-Former tokenizer: retrieval works on it too
+    record, _ = _eval(["retrieval", f"--model={tmp_path / 's2'}", f"--data={demo_cache['eval']}", "--limit=6",
+                       "--k=2", "--workers=0", "--device=cpu", f"--out={tmp_path / 'r.json'}"], capsys)
+    assert record["metrics"]["n_images"] == 6
+
+
+def test_stage2_size_flag_against_the_stage1_model_is_one_line_before_the_llm(hf_run, llm_folders, tmp_path,
+                                                                               monkeypatch, capsys):
+    from blip2fast.models import llm as llm_module
+    from blip2fast.train import main
+
+    def no_llm(*a, **k):
+        raise AssertionError("the LLM was loaded before the size check")
+
+    monkeypatch.setattr(llm_module, "build_llm", no_llm)
+    args = _stage2_args(tmp_path / "s2", hf_run, llm_folders["opt"], "--model.qformer.num_query_tokens=4")
+    with pytest.raises(ConfigError) as e:
+        Trainer(parse_cli(args), print_fn=lambda s: None)
+    msg = str(e.value)
+    assert "--model.qformer.num_query_tokens=4" in msg and "stage-1 model has 8" in msg and "\n" not in msg
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_query_tokens" in err[0], err
+
+
+def test_eval_errors_are_one_line(hf_run, demo_cache, tmp_path, capsys):
+    from blip2fast.eval.cli import main
+
+    bad = tmp_path / "empty"
+    bad.mkdir()
+    for args in ([f"--model={bad}"], [f"--model={tmp_path / 'nothing'}"], [f"--model={hf_run}", "--k=0"]):
+        with pytest.raises(SystemExit):
+            main(["retrieval", f"--data={demo_cache['eval']}", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error:" in err[0], err

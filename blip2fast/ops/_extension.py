@@ -50,6 +50,25 @@ def _register_fakes() -> None:
             return row_ids.new_empty((row_ids.shape[0], heads, q_len, k_len), dtype=torch.bool)
 
 
+def _register_costs() -> None:
+    from . import kernel_cost
+
+    @kernel_cost.register(_ITM_OP)
+    def _itm_sample_negatives_cost(sim, positive, row_ids, seed_step, stream):
+        # csrc: one pass over sim (hash in registers) and the fallback count
+        return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(sim, positive, row_ids, seed_step),
+                                      bytes_written=8.0 * sim.shape[0] + 8.0)
+
+    @kernel_cost.register(_DROPOUT_OP)
+    def _attention_dropout_keep_cost(seed_step, row_ids, stream, site, heads, q_len, k_len, q_offset, threshold):
+        # csrc (CPU): one bool per (row, head, query, key), hashed in registers
+        return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(seed_step, row_ids),
+                                      bytes_written=float(row_ids.shape[0] * heads * q_len * k_len))
+
+
+_register_costs()
+
+
 def _load() -> ExtensionStatus:
     if os.environ.get("BLIP2FAST_BUILD_EXT", "").strip() == "0":
         return ExtensionStatus(False, "BLIP2FAST_BUILD_EXT=0 is set: the compiled extension is disabled")

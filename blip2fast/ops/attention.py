@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import hashing
+from . import hashing, kernel_cost
 
 MASKED_SCORE = -10000.0  # BERT's / LAVIS's additive mask value
 
@@ -271,6 +271,23 @@ def _qformer_attention_fake(q, k, v, key_padding, causal_prefix, row_offset, kv_
     return _new_out(q), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
+def _kv_rows_read(q: Tensor, k: Tensor) -> int:
+    """K/V rows the kernel reads: every query row reads its own (its kv_index row), so B of them."""
+    return q.shape[0] * k.shape[1] * k.shape[2] * k.shape[3]
+
+
+@kernel_cost.register("blip2fast::qformer_attention")
+def _qformer_attention_cost(q, k, v, key_padding, causal_prefix, row_offset, kv_index, seed_step, row_ids,
+                            dropout_p, site, q_offset) -> kernel_cost.KernelCost:
+    # QK^T and PV over every (row, head, query, key); masks and the dropout hash are computed in-kernel (no bytes)
+    B, H, Lq, d = q.shape
+    kv = 2.0 * _kv_rows_read(q, k) * k.element_size()
+    return kernel_cost.KernelCost(
+        flops=4.0 * B * H * Lq * k.shape[2] * d,
+        bytes_read=kernel_cost.nbytes(q, key_padding, kv_index, seed_step, row_ids) + kv,
+        bytes_written=kernel_cost.nbytes(q) + 4.0 * B * H * Lq)  # out + lse (fp32)
+
+
 @torch.library.custom_op("blip2fast::qformer_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _qformer_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding: Optional[Tensor],
@@ -288,6 +305,20 @@ def _qformer_attention_backward_op(
 def _qformer_attention_backward_fake(grad_out, q, k, v, out, lse, key_padding, causal_prefix, row_offset, kv_index,
                                      seed_step, row_ids, dropout_p, site, q_offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@kernel_cost.register("blip2fast::qformer_attention_backward")
+def _qformer_attention_backward_cost(grad_out, q, k, v, out, lse, key_padding, causal_prefix, row_offset, kv_index,
+                                     seed_step, row_ids, dropout_p, site, q_offset) -> kernel_cost.KernelCost:
+    # the reference's backward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q (8 B H Lq Lk d); the kernels also
+    # recompute S = Q K^T (+2). Two launches: the dK/dV kernel and the dQ kernel (kernels/qformer_attention.py).
+    B, H, Lq, d = q.shape
+    products = 2.0 * B * H * Lq * k.shape[2] * d
+    kv = 2.0 * _kv_rows_read(q, k) * k.element_size()
+    return kernel_cost.KernelCost(
+        flops=4 * products, extra_flops=products, launches=2,
+        bytes_read=kernel_cost.nbytes(grad_out, q, out, lse, key_padding, kv_index, seed_step, row_ids) + kv,
+        bytes_written=kernel_cost.nbytes(q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _extension, dispatch
+from . import _extension, dispatch, kernel_cost
 from .losses import itc_loss_ref, itc_similarities, upcast
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -123,6 +123,33 @@ def _itc_triton_fake(image_feats, text_feat, image_all, text_all, temp, targets,
             image_feats.new_empty((), **f32))
 
 
+def _itc_fwd_flops(image_feats: Tensor, image_all: Tensor) -> float:
+    """Both directions' similarity products over every (row, column, query): 2 x 2 B Ba Q E (the reference's two
+    einsums)."""
+    B, Q, E = image_feats.shape
+    return 4.0 * B * image_all.shape[0] * Q * E
+
+
+def _itc_bwd_flops(image_feats: Tensor, image_all: Tensor, output_mask) -> tuple[float, float]:
+    """(the reference's backward products, what the kernels skip): the reference multiplies the dense
+    (B, Ba, Q) gradient of each einsum into each wanted feature gradient (2 B Ba Q E each); the kernels visit only
+    the argmax query of each pair (2 B Ba E each)."""
+    B, Q, E = image_feats.shape
+    Ba = image_all.shape[0]
+    wanted = sum(bool(m) for m in list(output_mask)[:4])
+    return 2.0 * B * Ba * Q * E * wanted, -2.0 * B * Ba * (Q - 1) * E * wanted
+
+
+@kernel_cost.register("blip2fast::itc_loss_triton")
+def _itc_triton_cost(image_feats, text_feat, image_all, text_all, temp, targets, label_smoothing):
+    # two kernels (similarities + argmax, cross-entropy) and three small torch reductions (kernels/itc_loss.py)
+    B, Ba = image_feats.shape[0], image_all.shape[0]
+    return kernel_cost.KernelCost(
+        flops=_itc_fwd_flops(image_feats, image_all), launches=5,
+        bytes_read=kernel_cost.nbytes(image_feats, text_feat, image_all, text_all, temp, targets),
+        bytes_written=4.0 * (2 * B * Ba * 2 + 2 * 2 * B + 2))  # sims + args, stats, loss and wsum
+
+
 @torch.library.custom_op("blip2fast::itc_loss_triton_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _itc_triton_backward_op(
     grad_loss: Tensor, image_feats: Tensor, text_feat: Tensor, image_all: Tensor, text_all: Tensor, temp: Tensor,
@@ -150,6 +177,23 @@ def _grads_fake(image_feats, text_feat, image_all, text_all, temp, output_mask):
 def _itc_triton_backward_fake(grad_loss, image_feats, text_feat, image_all, text_all, temp, targets,
                               label_smoothing, sims, args, stats, wsum, output_mask):
     return _grads_fake(image_feats, text_feat, image_all, text_all, temp, output_mask)
+
+
+def _itc_bwd_cost(image_feats, text_feat, image_all, text_all, temp, stats, output_mask, launches):
+    flops, skipped = _itc_bwd_flops(image_feats, image_all, output_mask)
+    B, Ba = image_feats.shape[0], image_all.shape[0]
+    wanted = [x for m, x in zip(output_mask, (image_feats, text_feat, image_all, text_all, temp)) if m]
+    return kernel_cost.KernelCost(
+        flops=flops, extra_flops=skipped, launches=launches,
+        bytes_read=kernel_cost.nbytes(image_feats, text_feat, image_all, text_all, temp, stats) + 4.0 * 2 * B * Ba * 2,
+        bytes_written=kernel_cost.nbytes(*wanted))
+
+
+@kernel_cost.register("blip2fast::itc_loss_triton_backward")
+def _itc_triton_backward_cost(grad_loss, image_feats, text_feat, image_all, text_all, temp, targets,
+                              label_smoothing, sims, args, stats, wsum, output_mask):
+    # one kernel per side wanted, plus the fixed-order sum of its split partials (kernels/itc_loss.py)
+    return _itc_bwd_cost(image_feats, text_feat, image_all, text_all, temp, stats, output_mask, launches=4)
 
 
 def _triton_setup_context(ctx, inputs, output):
@@ -194,6 +238,22 @@ def _cpp_fwd_fake(image_feats, text_feat, image_all, text_all, temp, targets, la
 def _cpp_bwd_fake(grad_loss, image_feats, text_feat, image_all, text_all, temp, targets, label_smoothing, sim_i2t,
                   sim_t2i, arg_i2t, arg_t2i, lse, output_mask):
     return _grads_fake(image_feats, text_feat, image_all, text_all, temp, output_mask)
+
+
+@kernel_cost.register(_CPP_FWD)
+def _cpp_fwd_cost(image_feats, text_feat, image_all, text_all, temp, targets, label_smoothing):
+    # csrc ITC: a similarity/argmax kernel and a cross-entropy kernel
+    B, Ba = image_feats.shape[0], image_all.shape[0]
+    return kernel_cost.KernelCost(
+        flops=_itc_fwd_flops(image_feats, image_all), launches=2,
+        bytes_read=kernel_cost.nbytes(image_feats, text_feat, image_all, text_all, temp, targets),
+        bytes_written=4.0 * (2 * B * Ba * 2 + 2 * B + 1))  # two sims + two argmax maps, lse, loss
+
+
+@kernel_cost.register(_CPP_BWD)
+def _cpp_bwd_cost(grad_loss, image_feats, text_feat, image_all, text_all, temp, targets, label_smoothing, sim_i2t,
+                  sim_t2i, arg_i2t, arg_t2i, lse, output_mask):
+    return _itc_bwd_cost(image_feats, text_feat, image_all, text_all, temp, lse, output_mask, launches=2)
 
 
 def _cpp_setup_context(ctx, inputs, output):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _extension, dispatch, hashing
+from . import _extension, dispatch, hashing, kernel_cost
 
 
 def _check(sim: Tensor, positive: Tensor, row_ids: Tensor, seed_step: Tensor | None = None) -> None:
@@ -156,6 +156,14 @@ def _itm_sample_negatives_triton(
 def _itm_sample_negatives_triton_fake(sim, positive, row_ids, seed_step, stream):
     torch._check(sim.dim() == 2, lambda: f"sim must be 2-D (rows, candidates), got shape {tuple(sim.shape)}")
     return sim.new_empty((sim.shape[0],), dtype=torch.int64), sim.new_empty((), dtype=torch.int64)
+
+
+@kernel_cost.register("blip2fast::itm_sample_negatives_triton")
+def _itm_sample_negatives_triton_cost(sim, positive, row_ids, seed_step, stream):
+    # one pass over sim hashing each (row, column) in registers; the wrapper's flags.sum is a second launch
+    rows = sim.shape[0]
+    return kernel_cost.KernelCost(launches=2, bytes_read=kernel_cost.nbytes(sim, positive, row_ids, seed_step)
+                                  + 4.0 * rows, bytes_written=8.0 * rows + 4.0 * rows + 8.0)
 
 
 def itm_sample_negatives(

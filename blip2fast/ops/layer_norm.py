@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, kernel_cost
 
 
 def layer_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -105,6 +105,14 @@ def _layer_norm_fake(x, weight, bias, residual, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), mean, torch.empty_like(mean)
 
 
+@kernel_cost.register("blip2fast::layer_norm")
+def _layer_norm_cost(x, weight, bias, residual, eps, out_dtype):
+    # one pass: x (+ residual) in, y and the fp32 row statistics out; no matrix products
+    rows = x.numel() // x.shape[-1]
+    return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(x, residual, weight, bias),
+                                  bytes_written=x.numel() * out_dtype.itemsize + 2 * 4.0 * rows)
+
+
 def _sum_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
@@ -121,6 +129,15 @@ def _layer_norm_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Ten
 @_layer_norm_backward_op.register_fake
 def _layer_norm_backward_fake(grad_y, x, weight, bias, residual, mean, rstd):
     return x.new_empty(x.shape, dtype=_sum_dtype(x, residual)), torch.empty_like(weight), torch.empty_like(bias)
+
+
+@kernel_cost.register("blip2fast::layer_norm_backward")
+def _layer_norm_backward_cost(grad_y, x, weight, bias, residual, mean, rstd):
+    # the kernel (d(x + residual), per-program dw/db partials), then the two partial sums and their casts
+    # (kernels/layer_norm.py backward + the wrapper's .to)
+    return kernel_cost.KernelCost(
+        launches=3, bytes_read=kernel_cost.nbytes(grad_y, x, residual, weight, mean, rstd),
+        bytes_written=x.numel() * _sum_dtype(x, residual).itemsize + kernel_cost.nbytes(weight, bias))
 
 
 def _setup_context(ctx, inputs, output):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernel_cost
 from .losses import token_ce_sum_ref
 
 IGNORE_INDEX = -100
@@ -176,6 +177,16 @@ def _lce_fake(hidden, weight, bias, targets, label_smoothing, chunk_size):
     return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
 
 
+@kernel_cost.register("blip2fast::linear_cross_entropy")
+def _lce_cost(hidden, weight, bias, targets, label_smoothing, chunk_size):
+    # the logits GEMM on tensor cores, fused with logsumexp / target gather so no logit is written; then ~7 small
+    # torch ops combine the per-split statistics (kernels/linear_ce.py forward)
+    N, V = hidden.shape[0], weight.shape[0]
+    return kernel_cost.KernelCost(
+        flops=2.0 * N * V * hidden.shape[1], launches=8, kind="matmul",
+        bytes_read=kernel_cost.nbytes(hidden, weight, bias, targets), bytes_written=4.0 * (N + 1))
+
+
 @torch.library.custom_op("blip2fast::linear_cross_entropy_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _lce_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                      lse: Tensor, label_smoothing: float, chunk_size: int, need_hidden: bool, need_weight: bool,
@@ -196,6 +207,26 @@ def _lce_backward_fake(grad, hidden, weight, bias, targets, lse, label_smoothing
     return (torch.empty_like(hidden) if need_hidden else empty,
             torch.empty_like(weight) if need_weight else empty.clone(),
             torch.empty_like(bias) if need_bias else empty.clone())
+
+
+@kernel_cost.register("blip2fast::linear_cross_entropy_backward")
+def _lce_backward_cost(grad, hidden, weight, bias, targets, lse, label_smoothing, chunk_size, need_hidden,
+                       need_weight, need_bias):
+    # per chunk of rows: a Triton kernel recomputes the logits (2 N V H, beyond the reference) and writes dlogits
+    # in the input dtype, then cuBLAS multiplies it out (2 N V H per wanted gradient) reading it back once per GEMM;
+    # the bias gradient is a column sum (kernels/linear_ce.py backward)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    chunks = -(-N // max(1, int(chunk_size)))
+    gemms = int(need_hidden) + int(need_weight)
+    dlogits = float(N * V * hidden.element_size())
+    wanted = [t for t, m in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias)) if m]
+    return kernel_cost.KernelCost(
+        flops=2.0 * N * V * H * gemms, extra_flops=2.0 * N * V * H, kind="matmul",
+        launches=chunks * (1 + gemms + int(bool(need_bias))),
+        bytes_read=kernel_cost.nbytes(grad, hidden, weight, bias, targets, lse) + dlogits * (gemms + int(need_bias))
+        + kernel_cost.nbytes(weight) * max(0, chunks - 1) * int(need_hidden),
+        bytes_written=kernel_cost.nbytes(*wanted) + dlogits)
 
 
 def _setup_context(ctx, inputs, output):

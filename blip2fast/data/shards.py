@@ -67,7 +67,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -136,6 +135,8 @@ class WebDataConfig:
 def expand_shards(urls: Union[str, Sequence[str]]) -> list[str]:
     """Brace-expand a pattern (several joined by "::", or a list of patterns) into existing local .tar paths.
     Missing paths (FileNotFoundError), directories and non-.tar names (DataError) are errors that list them."""
+    import braceexpand  # here, not at the top: the GPU machine lacks it, and the training step imports this module
+
     patterns = urls.split("::") if isinstance(urls, str) else list(urls)
     paths = [p for pat in patterns if pat.strip() for p in braceexpand.braceexpand(pat.strip())]
     if not paths:

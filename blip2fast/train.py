@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from .data.shards import DataError
 from .training.config import ConfigError, parse_cli
 from .training.evaluate import evaluate_retrieval, retrieval_metrics
 from .training.optim import lr_at
@@ -22,7 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse the command line, train, return the run's summary (see `Trainer.fit`)."""
     try:
         return run(parse_cli(argv))
-    except (ConfigError, FileNotFoundError) as e:  # a bad option or a missing path: the message says what to do
+    except (ConfigError, FileNotFoundError, DataError) as e:  # a bad option, a missing path or data that cannot
+        # feed the run: the message (one line) says what and where
         print(f"python -m blip2fast.train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

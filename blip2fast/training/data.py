@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..config import Blip2Config
-from ..data.shards import ShardLoader, WebDataConfig
+from ..data.shards import DataError, ShardLoader, TextEncoderMismatch, WebDataConfig
 from ..data.synthetic import _NUM_SINGLE, SCENES, WordTokenizer, _generator, caption_vocabulary, render
 from ..data.tokenize import DecoderOnlyText, EncoderDecoderText, Stage1Text, load_tokenizer
 from ..data.write_shards import write_samples
@@ -161,7 +161,13 @@ def web_config(cfg: TrainConfig, urls: str, image_size: int) -> WebDataConfig:
 
 def train_loader(cfg: TrainConfig, urls: str, text, image_size: int, rank: int, world_size: int,
                  pin_memory: bool = False) -> ShardLoader:
-    return ShardLoader(web_config(cfg, urls, image_size), text, rank, world_size, pin_memory=pin_memory)
+    try:
+        return ShardLoader(web_config(cfg, urls, image_size), text, rank, world_size, pin_memory=pin_memory)
+    except TextEncoderMismatch as e:
+        if cfg.stage == 1 and cfg.data.tokenizer == "demo":
+            raise DataError(f"{e}; --data.tokenizer=demo knows only the demo captions' words: give "
+                            "--data.tokenizer=<a local BERT tokenizer folder> for other data") from None
+        raise
 
 
 def heldout_batch(urls: str, size: int, text, image_size: int) -> Optional[dict]:

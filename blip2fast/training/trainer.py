@@ -35,8 +35,10 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import threading
+import warnings
 import time
 from typing import Callable, Optional
 
@@ -46,7 +48,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data.captions import stable_hash
+from ..data.shards import DataError
 from . import checkpoint as ckpt
+from . import failure
 from .config import ConfigError, TrainConfig
 from .data import demo_cache_root, ensure_demo_shards, heldout_batch, text_encoder, train_loader
 from .evaluate import evaluate_retrieval, format_retrieval
@@ -72,6 +76,7 @@ def init_distributed(cuda_graphs: bool = False) -> tuple[int, int, int]:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_available() and dist.is_initialized():
+        failure.start(dist.get_rank(), dist.get_world_size())  # one rank's fatal error ends every rank
         return dist.get_rank(), dist.get_world_size(), local_rank
     return 0, 1, local_rank
 
@@ -212,16 +217,23 @@ class Trainer:
             eval_urls = eval_urls or self.demo["eval"]
         enc_dec = cfg.stage == 2 and bool(getattr(self.model.language_model.config, "is_encoder_decoder", False))
         self.text = text_encoder(cfg, self.model_config, enc_dec)
-        self.loader = train_loader(cfg, train_urls, self.text, image_size, self.rank, self.world_size,
-                                   pin_memory=self.device.type == "cuda")
-        self.heldout = None
-        if eval_urls and cfg.stage == 1 and (self.rank == 0 or self.sharded):
-            self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size)
+        with warnings.catch_warnings(record=True) as data_notes:  # the shard check's reports: start-up notes
+            warnings.simplefilter("always")
+            self.loader = train_loader(cfg, train_urls, self.text, image_size, self.rank, self.world_size,
+                                       pin_memory=self.device.type == "cuda")
+            self.heldout = None
+            if eval_urls and cfg.stage == 1 and (self.rank == 0 or self.sharded):
+                self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size)
+        notes += [f"data: {w.message}" for w in data_notes]
 
         # logging
         peak = peak_flops(self.device, cfg.logging.peak_tflops)
+        self._fresh_run_dir = False  # whether a failure before the first checkpoint removes what this run wrote
         if self.rank == 0:
+            self._fresh_run_dir = resume_path is None and not (os.path.isdir(self.run_dir) and os.listdir(self.run_dir))
             os.makedirs(self.run_dir, exist_ok=True)
+            if failure.current() is not None:
+                failure.current().on_exit = self.discard_unusable_run
         self.logger = MetricLogger(self.run_dir, self.rank, cfg.schedule.steps, self.loss_names, flops,
                                    None if peak is None else peak * self.world_size, cfg.logging.jsonl,
                                    cfg.logging.tensorboard, print_fn)
@@ -442,10 +454,13 @@ class Trainer:
         while True:
             got = False
             it = iter(self.loader)
-            first = self._first_batch(it)
-            for batch in itertools.chain(() if first is None else (first,), it):
-                got = True
-                yield batch
+            try:
+                first = self._first_batch(it)
+                for batch in itertools.chain(() if first is None else (first,), it):
+                    got = True
+                    yield batch
+            finally:
+                it.close()  # its workers stop now, also when this generator is closed mid-epoch
             self.logger.event("epoch_end", epochs_done=self.loader.epoch, step=self.step,
                               samples=self.loader.samples_seen, skipped=self.loader.skipped,
                               shard_errors=self.loader.shard_errors)
@@ -453,9 +468,9 @@ class Trainer:
                      f"samples, skipped {_nonzero(self.loader.skipped)}, shard errors "
                      f"{_nonzero(self.loader.shard_errors)}")
             if not got:
-                raise RuntimeError(f"the data loader yielded no batch in a whole epoch (skipped "
-                                   f"{self.loader.skipped}, shard errors {self.loader.shard_errors}): are the shards "
-                                   "all bad?")
+                raise DataError(f"rank {self.rank}: the data loader yielded no batch in a whole epoch (skipped "
+                                f"{_nonzero(self.loader.skipped)}, shard errors {_nonzero(self.loader.shard_errors)}): "
+                                "are this rank's shards all bad?")
 
     def _first_batch(self, it):
         """The first batch of a loader iteration, fetched with SIGTERM / SIGINT blocked while the loader forks its
@@ -551,6 +566,12 @@ class Trainer:
                     self.log(f"stopping on {self._stop} at step {self.step}: checkpoint saved; continue with "
                              f"--checkpoint.dir={self.run_dir} --resume=latest")
                     break
+        except BaseException as e:
+            batches.close()  # stops the loader's workers now, not at the process's exit
+            self.discard_unusable_run()
+            if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):  # torch's SIGCHLD handler: anywhere
+                raise self.loader.worker_died(e) from None
+            raise
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
@@ -585,7 +606,22 @@ class Trainer:
         result["wall_s"] = time.perf_counter() - self.t_start
         self.logger.event("end", **{k: v for k, v in result.items() if k not in ("history", "first", "last")})
         self.logger.close()
+        failure.stop()
         return result
+
+    def discard_unusable_run(self) -> None:
+        """After a failure: a run folder this run created that holds no checkpoint is not a usable state, so it
+        goes (rank 0); a folder with a checkpoint stays as it is (resume from it)."""
+        if self.rank != 0 or not getattr(self, "_fresh_run_dir", False):
+            return
+        if ckpt.latest_checkpoint(self.run_dir) is not None:
+            return
+        self._fresh_run_dir = False
+        try:
+            self.logger.close()
+        except Exception:
+            pass
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def check_speed_options(cfg: TrainConfig, device: torch.device) -> None:
@@ -618,8 +654,28 @@ def _nonzero(counts: dict) -> dict:
 
 
 def run(cfg: TrainConfig, print_fn: Callable[[str], None] = print) -> dict:
-    """Build a Trainer from `cfg` and fit it."""
-    return Trainer(cfg, print_fn=print_fn).fit()
+    """Build a Trainer from `cfg` and fit it. Under torchrun a fatal error on this rank is announced to the others
+    (failure.py), and an error caused by another rank's failure ends this one with that rank's reason."""
+    try:
+        return Trainer(cfg, print_fn=print_fn).fit()
+    except Exception as e:
+        watch = failure.current()
+        if watch is not None:
+            other = None
+            for _ in range(int(2 / failure.POLL_S)):  # a collective can fail a moment before the reason is posted
+                other = watch.other_failure()
+                if other is not None or isinstance(e, (ConfigError, DataError, FileNotFoundError)):
+                    break
+                time.sleep(failure.POLL_S)
+            if other is not None:
+                watch.end(f"rank {watch.rank}: stopping because {other}")
+            watch.announce(_one_line(e))
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, (ConfigError, DataError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
 
 
 __all__ = ["LOSS_NAMES", "StepModule", "Trainer", "run", "seed_everything"]

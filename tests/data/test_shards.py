@@ -202,7 +202,7 @@ def test_stage2_batches(clean_shards, bert_dir):
 
 def test_all_broken_shards_stop_with_an_error(corrupt_shards):
     broken = corrupt_shards["paths"][5]  # not a tar
-    with pytest.raises(DataError, match=r"no usable shard in .*shard-05.tar' is not a tar archive$"):
+    with pytest.raises(DataError, match=r"^no usable shard: .*shard-05.tar. is not a tar archive$"):
         loader(broken)
     # found only while reading (the start-up check skipped): resampled mode stops once every shard is known bad
     with pytest.raises(DataError, match=r"no usable shard left: all 1 shard\(s\) are empty or unreadable"):

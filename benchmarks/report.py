@@ -4,6 +4,11 @@
     python benchmarks/report.py benchmarks/results/cpu-2026-11-28.json --readme README.md  # rewrite it in place
     python benchmarks/report.py collect out/bench_*.json --out benchmarks/results/cpu-2026-11-28.json
     python benchmarks/report.py measured benchmarks/results/gpu-2026-12-01.json    # GPU automatic backend order
+    python benchmarks/report.py refresh out/gpu_results.json --readme README.md   # after a GPU run: all of it
+
+`refresh` is the one command after a GPU run (benchmarks/gpu/run.sh): it saves the run as
+benchmarks/results/<kind>-<date>.json, writes blip2fast/ops/measured_backends.json from it (GPU runs only) and
+rewrites the README's performance table and GPU stage table (the last run's status and seconds per stage).
 
 A results file is either
   - what `collect` writes from pytest-benchmark JSON files (a CPU or GPU run of the benchmarks): schema
@@ -33,6 +38,8 @@ from typing import Iterable, Optional
 
 SCHEMA = "blip2fast-results/1"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+STAGES_START, STAGES_END = "<!-- gpu-stages:start -->", "<!-- gpu-stages:end -->"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ("blip2fast", "lavis", "transformers")
 IMPL_NAMES = {"blip2fast": "blip2fast", "lavis": "LAVIS formulation", "transformers": "transformers"}
 BENCH_NAMES = {  # order of the table's rows
@@ -129,19 +136,23 @@ def from_gpu_results(doc: dict) -> dict:
         e2e += data.get("e2e_rows", [])
         ops += data.get("op_rows", [])
     gpu = env.get("gpu") or {}
+    commit = doc.get("commit") or env.get("git_commit") or "unknown"  # schema 2 carries it at the top
     return {
         "schema": SCHEMA,
         "date": str(doc.get("started", ""))[:10],
         "device": gpu.get("name") or next((r.get("device") for r in e2e if r.get("device")), "unknown"),
         "kind": "gpu" if doc.get("mode") == "gpu" else "cpu",
         "size": next((r.get("size") for r in e2e if r.get("size")), doc.get("mode", "")),
-        "commit": env.get("git_commit", "unknown"),
-        "dirty": env.get("git_dirty_files"),
+        "commit": commit,
+        "dirty": doc.get("dirty", env.get("git_dirty_files")),
         "versions": {k: env.get(k) for k in ("python", *VERSION_PACKAGES)},
         "peak_tflops_measured": next((r.get("peak_tflops_measured") for r in e2e), None),
         "e2e": e2e,
         "ops": ops,
         "stages": {k: s.get("status") for k, s in stages.items()},
+        "stage_runs": {k: {"status": s.get("status"), "seconds": s.get("seconds"), "limit_s": s.get("limit_s"),
+                           "message": s.get("message", "")} for k, s in stages.items()},
+        "budget_s": doc.get("budget_s"),
     }
 
 
@@ -282,15 +293,53 @@ def render(results: dict, source: str = "") -> str:
     return "\n".join(out)
 
 
-def replace_between_markers(text: str, table: str) -> str:
+def _stage_table():
+    """benchmarks/gpu/stages.py (standard library only), the GPU check's stage table."""
+    gpu_dir = os.path.join(ROOT, "benchmarks", "gpu")
+    if gpu_dir not in sys.path:
+        sys.path.insert(0, gpu_dir)
+    import stages
+
+    return stages
+
+
+def render_stages(results: Optional[dict] = None) -> str:
+    """The README's GPU stage table: order, what each stage shows, its limit, its estimated H200 time, and (given a
+    GPU run's results) that run's status and seconds per stage."""
+    stages = _stage_table()
+    runs = (results or {}).get("stage_runs") or {}
+    gpu_run = bool(runs) and (results or {}).get("kind") == "gpu"
+    last = (f"last GPU run ({results.get('device')}, {results.get('date')}, commit `{str(results.get('commit'))[:10]}`)"
+            if gpu_run else "last GPU run")
+    lines = ["<!-- generated from benchmarks/gpu/stages.py by `python benchmarks/report.py refresh <gpu_results.json> "
+             "--readme README.md`; do not edit by hand -->",
+             f"| # | stage | what it shows | limit (s) | typical on an H200 (s, estimated) | {last} |",
+             "|---:|---|---|---:|---:|---|"]
+    for i, s in enumerate(stages.STAGES, 1):
+        run = runs.get(s.name) if gpu_run else None
+        if run is None:
+            seen = "not run yet" if not gpu_run else "not in this run"
+        else:
+            seen = f"{run.get('status')}" + ("" if run.get("seconds") is None else f", {run['seconds']:g} s")
+        lines.append(f"| {i} | `{s.name}` | {s.shows}{'' if s.fatal else ' (non-fatal)'} | {s.limit_s} | "
+                     f"{s.typical_s} | {seen} |")
+    lines += ["", f"The limits add up to the default budget, {stages.DEFAULT_BUDGET_S} s (the script stays under 8 "
+                  f"minutes; typical total about {sum(s.typical_s for s in stages.STAGES)} s, estimated). A stage "
+                  "starts only when its whole limit fits in what is left of the budget, else it is skipped up front; "
+                  "with a smaller `--budget-s` the stages at the bottom are skipped first (a later, shorter stage "
+                  "still runs when it fits). `bash benchmarks/gpu/run.sh --plan --budget-s N` prints the plan."]
+    return "\n".join(lines)
+
+
+def replace_between_markers(text: str, table: str, start: str = START, end: str = END) -> str:
     """text with the lines between the two marker lines replaced by `table`; every other byte unchanged."""
-    i, j = text.find(START), text.find(END)
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < 0 or j < i:
-        raise ValueError(f"the README needs the marker lines {START!r} and {END!r} (in that order) around the place "
-                         "of the performance table")
-    if text.find(START, i + 1) >= 0 or text.find(END, j + 1) >= 0:
-        raise ValueError("the README holds a performance-table marker more than once")
-    head = text[: i + len(START)]
+        raise ValueError(f"the README needs the marker lines {start!r} and {end!r} (in that order) around the place "
+                         "of the table")
+    if text.find(start, i + 1) >= 0 or text.find(end, j + 1) >= 0:
+        raise ValueError(f"the README holds a table marker ({start!r} / {end!r}) more than once")
+    head = text[: i + len(start)]
     tail = text[j:]
     return head + "\n" + table + "\n" + tail
 
@@ -342,22 +391,69 @@ def measured_orders(results: dict) -> dict:
     return out
 
 
+def write_measured(results: dict, source: str, out: str) -> dict:
+    """measured_backends.json (what ops/dispatch.py reads) from a GPU results file; returns the orders."""
+    orders = measured_orders(results)
+    with open(out, "w") as f:
+        json.dump({"source": os.path.basename(source), "ops": orders}, f, indent=1)
+        f.write("\n")
+    for op, e in orders.items():
+        print(f"{op}: {' > '.join(e['order'])}  ({', '.join(f'{b} {t} ms' for b, t in e['total_ms'].items())})")
+    print(f"wrote {out}")
+    return orders
+
+
+def refresh(results_path: str, readme: Optional[str], results_dir: str, measured_out: str) -> dict:
+    """After a run: the results saved under `results_dir` (what the README table then cites), the measured backend
+    order (GPU runs), and the README's performance and stage tables, in that order. Returns what was written."""
+    results = load_results(results_path)
+    if results.get("kind") == "gpu" and str(results.get("commit", "unknown")) == "unknown":
+        print(f"refresh: {results_path} does not say which commit it measured (no .git and no "
+              "benchmarks/gpu/commit.txt on the GPU machine); its numbers are kept but cite no commit", file=sys.stderr)
+    os.makedirs(results_dir, exist_ok=True)
+    saved = os.path.join(results_dir, f"{results.get('kind', 'run')}-{results.get('date') or 'undated'}.json")
+    with open(saved, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    print(f"wrote {saved}: {len(results.get('e2e', []))} end-to-end rows, {len(results.get('ops', []))} op rows")
+    written = {"results": saved}
+    if results.get("kind") == "gpu":
+        write_measured(results, saved, measured_out)
+        written["measured"] = measured_out
+    else:
+        print(f"measured: {measured_out} left as it is: {results.get('device')!r} is no GPU run")
+    if readme:
+        with open(readme, newline="") as f:
+            text = f.read()
+        rel = os.path.relpath(saved, os.path.dirname(os.path.abspath(readme)))
+        new = replace_between_markers(text, render(results, source=rel))
+        new = replace_between_markers(new, render_stages(results), STAGES_START, STAGES_END)
+        with open(readme, "w", newline="") as f:
+            f.write(new)
+        print(f"{readme}: performance and GPU stage tables {'updated' if new != text else 'unchanged'}")
+        written["readme"] = readme
+    return written
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "refresh":
+        p = argparse.ArgumentParser(prog="report.py refresh",
+                                    description="after a run: results saved, measured backend order, README tables")
+        p.add_argument("results", help="benchmarks/gpu/run.sh's gpu_results.json (or any results file)")
+        p.add_argument("--readme", help="rewrite the performance and GPU stage tables of this file")
+        p.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+        p.add_argument("--measured-out", default=os.path.join(ROOT, "blip2fast", "ops", "measured_backends.json"))
+        a = p.parse_args(argv[1:])
+        refresh(a.results, a.readme, a.results_dir, a.measured_out)
+        return 0
     if argv and argv[0] == "measured":
         p = argparse.ArgumentParser(prog="report.py measured",
                                     description="a GPU results file -> the automatic backend order per op")
         p.add_argument("results")
-        p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     "blip2fast", "ops", "measured_backends.json"))
+        p.add_argument("--out", default=os.path.join(ROOT, "blip2fast", "ops", "measured_backends.json"))
         a = p.parse_args(argv[1:])
-        orders = measured_orders(load_results(a.results))
-        with open(a.out, "w") as f:
-            json.dump({"source": os.path.basename(a.results), "ops": orders}, f, indent=1)
-            f.write("\n")
-        for op, e in orders.items():
-            print(f"{op}: {' > '.join(e['order'])}  ({', '.join(f'{b} {t} ms' for b, t in e['total_ms'].items())})")
-        print(f"wrote {a.out}")
+        write_measured(load_results(a.results), a.results, a.out)
         return 0
     if argv and argv[0] == "collect":
         p = argparse.ArgumentParser(prog="report.py collect",

@@ -1,23 +1,28 @@
 """Stages of the device check (driven by benchmarks/gpu/run.sh) and the results file they share.
 
-    python benchmarks/gpu/check.py init                      fresh $OUT/gpu_results.json, every stage pending
-    python benchmarks/gpu/check.py env                       versions, GPU, commit -> stages.env.data
-    python benchmarks/gpu/check.py verify-build              blip2fast._C imports (with CUDA kernels on a GPU run)
-    python benchmarks/gpu/check.py bench                     ITM sampler: torch reference vs blip2fast._C
-    python benchmarks/gpu/check.py attention                 cuda-marked attention tests + the attention benchmark
-    python benchmarks/gpu/check.py ops                       every per-op benchmarks/bench_*.py, one pytest each
-    python benchmarks/gpu/check.py e2e --stage S             one end-to-end benchmark file (E2E_FILES[S])
-    python benchmarks/gpu/check.py finish --stage S --rc N --started T0 --limit L --log F [--pytest]
+    python benchmarks/gpu/check.py init --budget-s B          fresh $OUT/gpu_results.json: every stage pending, plan
+    python benchmarks/gpu/check.py plan --budget-s B [--check] the stage order with limits adding up (run.sh prints it)
+    python benchmarks/gpu/check.py limit --stage S            S's limit in seconds (run.sh reads it)
+    python benchmarks/gpu/check.py env                        versions, GPU, commit -> stages.env.data
+    python benchmarks/gpu/check.py verify-build               blip2fast._C imports (with CUDA kernels on a GPU run)
+    python benchmarks/gpu/check.py fail-build                 the build forced to fail (BLIP2FAST_GPU_FORCE_BUILD_FAIL)
+    python benchmarks/gpu/check.py cuda-tests                 every cuda-marked test, tests/ops first
+    python benchmarks/gpu/check.py bench                      every per-op benchmark, the attention's first
+    python benchmarks/gpu/check.py e2e --stage S              one end-to-end benchmark file (E2E_FILES[S])
+    python benchmarks/gpu/check.py predict                    benchmarks/gpu_model.py annotate on the results file
+    python benchmarks/gpu/check.py finish --stage S --rc N --started T0 --limit L --log F [--skip-reason R]
 
-Every command rewrites $OUT/gpu_results.json (atomically), so whatever stage dies, what came before is kept.
-`finish` runs after each stage, whatever its outcome: it records status/seconds and prints one line per stage.
-BLIP2FAST_DRY_RUN=1 runs everything on the CPU at tiny sizes (CI uses that to keep this script from rotting).
-`init` and `finish` import nothing heavy (no torch), so they stay instant even when a stage timed out.
+The stage table (order, limits, what each shows) is benchmarks/gpu/stages.py. Every command rewrites
+$OUT/gpu_results.json (atomically), so whatever stage dies, what came before is kept. `finish` runs after each
+stage, whatever its outcome: it records status/seconds and prints one line per stage. BLIP2FAST_DRY_RUN=1 runs
+everything on the CPU at tiny sizes (CI uses that to keep this script from rotting). `init`, `plan`, `limit` and
+`finish` import nothing heavy (no torch), so they stay instant even when a stage timed out.
 Benchmark stages store their rows (benchmarks/report.py `rows_from`: "e2e_rows", "op_rows") in their stage data,
-so `python benchmarks/report.py gpu_results.json` renders the README table from this one file. A stage's time
-limit reaches the commands as BLIP2FAST_STAGE_LIMIT_S; pytest subprocesses stop a few seconds before it, so the
-rows of the benchmarks that finished are still summarised. BLIP2FAST_STAGES (run.sh --stages) selects stages; the
-others are recorded as "not_selected" and do not count against "ok".
+so `python benchmarks/report.py refresh gpu_results.json --readme README.md` refreshes the README tables and
+blip2fast/ops/measured_backends.json from this one file. A stage's time limit reaches the commands as
+BLIP2FAST_STAGE_LIMIT_S; pytest subprocesses stop a few seconds before it, so the rows of the benchmarks that
+finished are still summarised. BLIP2FAST_STAGES (run.sh --stages) selects stages; the others are recorded as
+"not_selected" and do not count against "ok"; neither do non-fatal stages (`predict`).
 """
 from __future__ import annotations
 
@@ -33,10 +38,15 @@ import sys
 import time
 from typing import Optional
 
-STAGES = ("env", "build", "cuda_tests", "e2e_stage1", "e2e_stage2", "e2e_qformer_hf", "train_modes", "bench",
-          "attention", "ops")  # run.sh's order
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
+GPU_DIR = os.path.join(BENCH_DIR, "gpu")
+if GPU_DIR not in sys.path:
+    sys.path.insert(0, GPU_DIR)
+import stages as stage_table  # noqa: E402  (benchmarks/gpu/stages.py: standard library only)
+
+STAGES = stage_table.NAMES  # run.sh's order
+COMMIT_FILE = os.path.join(GPU_DIR, "commit.txt")  # written before a run on a tree that travels without .git
 # end-to-end stages: stage -> benchmark file (rows are e2e rows; bench_train_modes.py's may be either kind)
 E2E_FILES = {
     "e2e_stage1": "benchmarks/bench_stage1_step.py",
@@ -44,6 +54,7 @@ E2E_FILES = {
     "e2e_qformer_hf": "benchmarks/bench_qformer_hf.py",
     "train_modes": "benchmarks/bench_train_modes.py",
 }
+ATTENTION_BENCH = "benchmarks/bench_qformer_attention.py"
 
 
 def dry_run() -> bool:
@@ -72,8 +83,8 @@ def load() -> dict:
 
 def save(results: dict) -> None:
     results["updated"] = now()
-    stages = results["stages"].values()
-    results["ok"] = all(s["status"] in ("ok", "not_selected") for s in stages)
+    results["ok"] = all(st["status"] in ("ok", "not_selected") or not st.get("fatal", True)
+                        for st in results["stages"].values())
     os.makedirs(out_dir(), exist_ok=True)
     tmp = results_path() + ".tmp"
     with open(tmp, "w") as f:
@@ -82,20 +93,35 @@ def save(results: dict) -> None:
     os.replace(tmp, results_path())
 
 
-def fresh() -> dict:
+def _stage_record(name: str) -> dict:
+    s = stage_table.BY_NAME.get(name)
+    return {"status": "pending", "seconds": None, "limit_s": None if s is None else s.limit_s,
+            "fatal": True if s is None else s.fatal, "data": {}}
+
+
+def fresh(budget_s: Optional[float] = None) -> dict:
+    budget_s = stage_table.DEFAULT_BUDGET_S if budget_s is None else budget_s
     return {
-        "schema": 1,
+        "schema": 2,
         "mode": "dry-run (CPU, tiny sizes)" if dry_run() else "gpu",
         "started": now(),
         "updated": now(),
         "ok": False,
-        "stages": {s: {"status": "pending", "seconds": None, "data": {}} for s in STAGES},
+        "commit": None,  # filled by the env stage: git rev-parse HEAD, else benchmarks/gpu/commit.txt
+        "budget_s": budget_s,
+        "plan": stage_table.plan(budget_s, _selected()),
+        "stages": {s: _stage_record(s) for s in STAGES},
     }
+
+
+def _selected() -> Optional[set]:
+    sel = os.environ.get("BLIP2FAST_STAGES", "").strip()
+    return {x.strip() for x in sel.split(",") if x.strip()} or None
 
 
 def put_data(stage: str, data: dict) -> None:
     results = load()
-    results["stages"].setdefault(stage, {"status": "pending", "seconds": None, "data": {}})
+    results["stages"].setdefault(stage, _stage_record(stage))
     results["stages"][stage]["data"].update(data)
     save(results)
 
@@ -112,24 +138,58 @@ def _run(cmd: list[str], timeout: float = 20) -> str:
 # Stages
 
 
+def commit_info() -> dict:
+    """The commit this tree is: `git rev-parse HEAD` (and the count of changed files) when .git is there, else what
+    benchmarks/gpu/commit.txt says ("<40 hex> [changed files]", written just before the tree is sent to a machine
+    that receives it without .git: `bash benchmarks/gpu/run.sh --write-commit`), else "unknown"."""
+    head = _run(["git", "rev-parse", "HEAD"]) if os.path.isdir(os.path.join(ROOT, ".git")) else ""
+    if re.fullmatch(r"[0-9a-f]{40}", head):
+        changed = [l for l in _run(["git", "status", "--porcelain"]).splitlines()
+                   if not l.endswith("benchmarks/gpu/commit.txt")]  # the stamp itself is no change
+        return {"git_commit": head, "git_dirty_files": len(changed), "commit_source": "git"}
+    try:
+        with open(COMMIT_FILE) as f:
+            words = f.read().split()
+    except OSError:
+        words = []
+    if words and re.fullmatch(r"[0-9a-f]{40}", words[0]):
+        dirty = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        return {"git_commit": words[0], "git_dirty_files": dirty, "commit_source": "benchmarks/gpu/commit.txt"}
+    return {"git_commit": "unknown", "git_dirty_files": None,
+            "commit_source": "none: no .git and no benchmarks/gpu/commit.txt (run.sh --write-commit before sending)"}
+
+
+def cmd_write_commit(_args) -> int:
+    info = commit_info()
+    if info["commit_source"] != "git":
+        print(f"write-commit: no git repository at {ROOT}: {info['commit_source']}", file=sys.stderr)
+        return 1
+    with open(COMMIT_FILE, "w") as f:
+        f.write(f"{info['git_commit']} {info['git_dirty_files']}\n")
+    print(f"wrote {os.path.relpath(COMMIT_FILE, ROOT)}: {info['git_commit']} ({info['git_dirty_files']} changed files)")
+    return 0
+
+
 def cmd_env(_args) -> int:
     data: dict = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform()}
-    commit = _run(["git", "rev-parse", "HEAD"])
-    data["git_commit"] = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else "unknown"
-    known = data["git_commit"] != "unknown"
-    data["git_dirty_files"] = len(_run(["git", "status", "--porcelain"]).splitlines()) if known else None
+    data.update(commit_info())
+    results = load()
+    results["commit"], results["dirty"] = data["git_commit"], data["git_dirty_files"]
+    save(results)
     data["nvcc"] = _run(["nvcc", "--version"]).splitlines()[-1:] if shutil.which("nvcc") else "not found"
     data["gcc"] = _run(["gcc", "--version"]).splitlines()[:1]
     data["nvidia_smi"] = (
         _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"])
         if shutil.which("nvidia-smi") else "not found"
     )
-    for mod in ("torch", "triton", "transformers", "numpy", "setuptools", "wheel", "ninja", "pytest", "webdataset"):
-        try:
-            m = __import__(mod)
-            data[mod] = getattr(m, "__version__", "present")
-        except Exception as e:  # a missing package is data here, not an error
-            data[mod] = f"missing ({type(e).__name__})"
+    from importlib import metadata
+
+    for pkg in ("torch", "triton", "transformers", "numpy", "setuptools", "wheel", "ninja", "pytest", "webdataset",
+                "braceexpand", "pycocoevalcap"):
+        try:  # the installed version without importing it (transformers alone takes seconds)
+            data[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:  # a missing package is data here, not an error
+            data[pkg] = "missing"
     import torch
 
     data["torch_cuda"] = torch.version.cuda
@@ -169,90 +229,13 @@ def cmd_verify_build(_args) -> int:
     return 0
 
 
-def _time_ms(fn, device: str, reps: int, inner: int) -> float:
-    """Median over `reps` batches of `inner` calls, per call, in ms (CUDA events on a GPU, perf_counter on a CPU)."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / inner)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def cmd_bench(_args) -> int:
-    sys.path.insert(0, ROOT)
-    import torch
-
-    from blip2fast.ops import _extension, hashing
-    from blip2fast.ops.itm_sampling import itm_sample_negatives, itm_sample_negatives_ref
-
-    status = _extension.load_extension()
-    if not status:
-        put_data("bench", {"error": f"blip2fast._C not loaded: {status.reason}"})
-        print(f"bench: blip2fast._C not loaded: {status.reason}", file=sys.stderr)
-        return 1
-    device = "cpu" if dry_run() else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        put_data("bench", {"error": "no CUDA GPU"})
-        print("bench: no CUDA GPU", file=sys.stderr)
-        return 1
-    rows, col_list, reps, inner = (8, (16, 64), 3, 2) if dry_run() else (128, (128, 1024, 8192), 15, 20)
-    dtypes = (torch.float32,) if dry_run() else (torch.float32, torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    results, all_identical = [], True
-    for dtype in dtypes:
-        for cols in col_list:
-            sim = (torch.randn(rows, cols, generator=gen) * 3).to(device=device, dtype=dtype)
-            sim[0, : cols // 2] = float("nan")  # keep the non-finite path in the timed work
-            positive = torch.randint(0, cols, (rows,), generator=gen).to(device)
-            row_ids = torch.arange(rows, device=device)
-            seed_step = torch.tensor([1234, 5], dtype=torch.int64, device=device)
-            stream = hashing.STREAM_ITM_NEG_IMAGE_FOR_TEXT
-            ref = itm_sample_negatives_ref(sim, positive, row_ids, seed_step, stream)
-            ext = itm_sample_negatives(sim, positive, row_ids, seed_step, stream, backend="cpp")
-            identical = bool(torch.equal(ref[0].cpu(), ext[0].cpu()) and int(ref[1]) == int(ext[1]))
-            all_identical &= identical
-            t_ref = _time_ms(lambda: itm_sample_negatives_ref(sim, positive, row_ids, seed_step, stream), device,
-                             reps, inner)
-            t_ext = _time_ms(lambda: itm_sample_negatives(sim, positive, row_ids, seed_step, stream, backend="cpp"),
-                             device, reps, inner)
-            row = {
-                "dtype": str(dtype).removeprefix("torch."), "rows": rows, "cols": cols, "device": device,
-                "identical_to_reference": identical,
-                "ref_ms": round(t_ref, 4), "ext_ms": round(t_ext, 4), "speedup": round(t_ref / t_ext, 2),
-                # sim is read once: bytes / time against the HBM roofline (~4.8 TB/s on an H200)
-                "ext_GBps": round(sim.numel() * sim.element_size() / (t_ext * 1e-3) / 1e9, 2),
-                "ext_Gelem_per_s": round(sim.numel() / (t_ext * 1e-3) / 1e9, 3),
-            }
-            results.append(row)
-            print(json.dumps(row))
-            put_data("bench", {"results": results, "timing": f"median of {reps} batches of {inner} calls"})
-    put_data("bench", {"all_identical": all_identical})
-    if not all_identical:
-        print("bench: blip2fast._C indices differ from the reference", file=sys.stderr)
-        return 1
-    return 0
-
-
-ATTENTION_TESTS = "tests/ops/test_qformer_attention_triton.py"
-ATTENTION_BENCH = "benchmarks/bench_qformer_attention.py"
+def cmd_fail_build(_args) -> int:
+    """What the build stage runs under BLIP2FAST_GPU_FORCE_BUILD_FAIL=1: a failed build, to check that the stages
+    after it still run on the Triton and torch paths (tests/benchmarks/test_gpu_script.py)."""
+    put_data("build", {"loaded": False, "forced_failure": True})
+    print("build: forced to fail (BLIP2FAST_GPU_FORCE_BUILD_FAIL=1): the later stages run without blip2fast._C",
+          file=sys.stderr)
+    return 1
 
 
 def _pytest(args: list[str], timeout: float, env: Optional[dict] = None) -> tuple[int, str]:
@@ -270,42 +253,62 @@ def _pytest(args: list[str], timeout: float, env: Optional[dict] = None) -> tupl
     return rc, out
 
 
-def cmd_attention(_args) -> int:
-    """The Q-Former attention on the device: its cuda-marked tests (bf16, Q-Former shapes at batch 128, CUDA-graph
-    replay without host syncs), then benchmarks/bench_qformer_attention.py (Triton vs reference vs SDPA; time,
-    TFLOP/s, peak memory, speedups) with its JSON summarised into stages.attention.data. Dry run: the tests are
-    collected and skip (no GPU), the benchmark runs at CPU sizes."""
-    deadline = time.time() + _stage_limit(150)
-    rc_tests, log = _pytest(["-m", "cuda", ATTENTION_TESTS], timeout=max(10.0, 0.55 * (deadline - time.time())))
-    tests = _pytest_summary(log)
-    if rc_tests == 5:
-        tests["error"] = "no cuda-marked attention tests collected"
-    put_data("attention", {"tests": tests, "tests_rc": rc_tests})
-    json_path = os.path.join(out_dir(), "bench_attention.json")
-    if os.path.exists(json_path):
-        os.remove(json_path)  # never summarise a previous run's numbers
-    rc_bench, log = _pytest([ATTENTION_BENCH, f"--benchmark-json={json_path}"],
-                            timeout=max(10.0, deadline - time.time()))
-    rows, speedups = [], {}
-    try:
-        with open(json_path) as f:
-            bench = json.load(f)
-        for b in bench.get("benchmarks", []):
-            info = b.get("extra_info", {})
-            rows.append({k: info.get(k) for k in ("shape", "pass_", "impl", "device", "dtype", "median_ms", "tflops",
-                                                  "peak_mem_mb", "speedup_vs_torch", "max_rel_err_vs_torch")})
-            key = f"{info.get('shape')} {info.get('pass_')}"
-            speedups.setdefault(key, {})[info.get("impl")] = info.get("speedup_vs_torch")
-    except (OSError, ValueError) as e:
-        rows = [{"error": f"no benchmark JSON ({type(e).__name__}: {e})"}]
-    _, op_rows, _ = _read_rows(json_path)  # the same rows in report.py's form, for the README table
-    put_data("attention", {"bench": rows, "speedup_vs_torch": speedups, "bench_rc": rc_bench,
-                           "bench_json": os.path.basename(json_path), "op_rows": op_rows})
-    if rc_tests != 0:
-        print(f"attention: cuda-marked attention tests failed (pytest exit code {rc_tests})", file=sys.stderr)
-    if rc_bench != 0:
-        print(f"attention: benchmark failed (pytest exit code {rc_bench})", file=sys.stderr)
-    return 0 if rc_tests == 0 and rc_bench == 0 else 1
+def _outcomes(jsonl_path: str) -> dict:
+    """Counts and failures from the per-test lines benchmarks/gpu/pytest_outcomes.py appended (complete even when
+    pytest was killed at the stage's limit)."""
+    counts: dict = {}
+    failed, slowest = [], []
+    if os.path.exists(jsonl_path):
+        with open(jsonl_path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+                if r["outcome"] in ("failed", "error"):
+                    failed.append(f"{r['nodeid']}: {r.get('message', '')}"[:400])
+                slowest.append((r.get("duration", 0.0), r["nodeid"]))
+    slowest.sort(reverse=True)
+    return {"counts": counts, "failed": failed, "slowest": [f"{d:.1f} s {n}" for d, n in slowest[:5]]}
+
+
+def cuda_test_files() -> list[str]:
+    """The test files that hold cuda-marked tests, tests/ops (the kernels) first. Only these are collected: a test
+    module that needs a package the GPU machine lacks (tests/data needs braceexpand) must not stop the GPU's run."""
+    found = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for f in files:
+            if f.startswith("test_") and f.endswith(".py"):
+                path = os.path.join(folder, f)
+                with open(path, errors="replace") as fh:
+                    if re.search(r"mark\.cuda\b", fh.read()):
+                        found.append(os.path.relpath(path, ROOT))
+    return sorted(found, key=lambda p: (not p.startswith(os.path.join("tests", "ops")), p))
+
+
+def cmd_cuda_tests(_args) -> int:
+    """Every cuda-marked test, tests/ops (the kernels: bf16 at the paper's shapes, no host sync, graph replay) before
+    the models and the training step, each outcome recorded as it happens; a module that cannot be collected is
+    an error of its own and the others still run."""
+    jsonl = os.path.join(out_dir(), "cuda_tests_outcomes.jsonl")
+    if os.path.exists(jsonl):
+        os.remove(jsonl)
+    env = {"BLIP2FAST_OUTCOMES_JSONL": jsonl,
+           "PYTHONPATH": os.pathsep.join(p for p in (GPU_DIR, os.environ.get("PYTHONPATH", "")) if p)}
+    files = cuda_test_files()
+    rc, log = _pytest(["-p", "pytest_outcomes", "--continue-on-collection-errors", "-m", "cuda", *files],
+                      timeout=_stage_limit(95), env=env)
+    data = {"files": files, "pytest_rc": rc, "pytest": _pytest_summary(log), **_outcomes(jsonl)}
+    if rc == 5:
+        data["error"] = "pytest collected no cuda-marked tests (exit code 5)"
+    put_data("cuda_tests", data)
+    c = data["counts"]
+    print(f"cuda_tests: {c.get('passed', 0)} passed, {c.get('failed', 0) + c.get('error', 0)} failed, "
+          f"{c.get('skipped', 0)} skipped" + (" (stopped at the stage limit)" if rc == 124 else ""))
+    for line in data["failed"][:10]:
+        print(f"cuda_tests: FAILED {line}", file=sys.stderr)
+    return 0 if rc == 0 else 1
 
 
 def _stage_limit(default: float) -> float:
@@ -388,15 +391,42 @@ def cmd_e2e(args) -> int:
     return 0 if rc == 0 else 1
 
 
-OWN_STAGE_BENCHES = {os.path.basename(p) for p in E2E_FILES.values()} | {os.path.basename(ATTENTION_BENCH)}
+OWN_STAGE_BENCHES = {os.path.basename(p) for p in E2E_FILES.values()}
 
 
-def cmd_ops(_args) -> int:
-    """Every other benchmarks/bench_*.py (the per-op benchmarks: ITC loss, ITM sampling, LayerNorm, linear CE, ...),
-    each in its own pytest under what is left of the stage's time, rows rewritten after each file."""
+def per_op_bench_files() -> list[str]:
+    """The per-op benchmarks/bench_*.py, the Q-Former attention's first (the largest kernel, timed with the paper's
+    attention dropout), then the others by name. BLIP2FAST_BENCH_FILES=a.py,b.py narrows them (tests)."""
     files = sorted(f for f in os.listdir(BENCH_DIR)
                    if f.startswith("bench_") and f.endswith(".py") and f not in OWN_STAGE_BENCHES)
-    deadline = time.time() + _stage_limit(300)
+    first = os.path.basename(ATTENTION_BENCH)
+    files = ([first] if first in files else []) + [f for f in files if f != first]
+    only = {x.strip() for x in os.environ.get("BLIP2FAST_BENCH_FILES", "").split(",") if x.strip()}
+    return [f for f in files if f in only] if only else files
+
+
+def _import_origins() -> dict:
+    """Where the benchmarks' Python finds blip2fast, blip2fast.kernels and blip2fast._C, in this stage's environment
+    (after a failed build: the source tree, without _C)."""
+    code = ("import json, blip2fast, blip2fast.kernels\n"
+            "from blip2fast.ops import _extension\n"
+            "s = _extension.load_extension()\n"
+            "print(json.dumps({'blip2fast': blip2fast.__file__, 'blip2fast.kernels': blip2fast.kernels.__file__,"
+            " 'extension': 'loaded' if s else s.reason}))")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {k: os.path.relpath(v, ROOT) if k != "extension" else v for k, v in info.items()}
+
+
+def cmd_bench(_args) -> int:
+    """Every per-op benchmark file in its own pytest (a CUDA error in one cannot poison the next) under what is left
+    of the stage's time; rows rewritten after each file. `all_identical`: every ITM-sampling backend timed drew the
+    reference's negatives (the C++/CUDA and Triton samplers must be bit-identical)."""
+    files = per_op_bench_files()
+    deadline = time.time() + _stage_limit(90)
     all_rows, results, failed = [], {}, []
     for f in files:
         left = deadline - time.time()
@@ -404,10 +434,9 @@ def cmd_ops(_args) -> int:
             results[f] = {"status": "skipped", "reason": "no time left in the stage"}
             failed.append(f)
             continue
-        stem = f[:-3]
-        json_path = os.path.join(out_dir(), f"{stem}.json")
+        json_path = os.path.join(out_dir(), f"{f[:-3]}.json")
         if os.path.exists(json_path):
-            os.remove(json_path)
+            os.remove(json_path)  # never summarise a previous run's numbers
         rc, log = _pytest([f"benchmarks/{f}", f"--benchmark-json={json_path}"], timeout=left)
         _, ops, source = _read_rows(json_path)
         for r in ops:
@@ -416,20 +445,33 @@ def cmd_ops(_args) -> int:
         results[f] = {"rc": rc, "rows": len(ops), "json": source, "tests": _pytest_summary(log)}
         if rc != 0:
             failed.append(f)
-        put_data("ops", {"files": results, "op_rows": all_rows})
-    put_data("ops", {"files": results, "op_rows": all_rows, "failed": failed})
+        put_data("bench", {"files": results, "op_rows": all_rows})
+    put_data("bench", {"imports": _import_origins()})
+    sampler = [r for r in all_rows if "indices_equal_reference" in r]
+    identical = bool(sampler) and all(r["indices_equal_reference"] for r in sampler)
+    speedups: dict = {}
+    for r in all_rows:
+        if r.get("speedup_vs_torch") is not None:
+            speedups.setdefault(str(r.get("group")), {})[str(r.get("impl"))] = r["speedup_vs_torch"]
+    put_data("bench", {"files": results, "op_rows": all_rows, "failed": failed, "all_identical": identical,
+                       "sampler_impls": sorted({str(r.get("impl")) for r in sampler}),
+                       "speedup_vs_torch": speedups})
     if not files:
-        print("ops: no per-op benchmark files found", file=sys.stderr)
+        print("bench: no per-op benchmark files found", file=sys.stderr)
         return 1
-    print(f"ops: {len(files) - len(failed)}/{len(files)} files ok, {len(all_rows)} rows")
+    print(f"bench: {len(files) - len(failed)}/{len(files)} files ok, {len(all_rows)} rows; ITM samplers "
+          f"{', '.join(sorted({str(r.get('impl')) for r in sampler})) or 'none'} identical to the reference: "
+          f"{identical}")
     if failed:
-        print(f"ops: failed or skipped: {', '.join(failed)}", file=sys.stderr)
-    return 0 if not failed else 1
+        print(f"bench: failed or skipped: {', '.join(failed)}", file=sys.stderr)
+    if not identical:
+        print("bench: an ITM sampler's negatives differ from the reference (or none was timed)", file=sys.stderr)
+    return 0 if not failed and identical else 1
 
 
 def cmd_not_selected(args) -> int:
     results = load()
-    st = results["stages"].setdefault(args.stage, {"status": "pending", "seconds": None, "data": {}})
+    st = results["stages"].setdefault(args.stage, _stage_record(args.stage))
     st.update(status="not_selected", message="not in BLIP2FAST_STAGES")
     save(results)
     print(f"stage {args.stage}: not selected")
@@ -465,24 +507,19 @@ def _last_error_line(log: str, stage: str) -> str:
 def cmd_finish(args) -> int:
     args.seconds = max(0.0, time.time() - args.started)
     results = load()
-    stage = results["stages"].setdefault(args.stage, {"status": "pending", "seconds": None, "data": {}})
+    stage = results["stages"].setdefault(args.stage, _stage_record(args.stage))
     log = ""
     if args.log and os.path.exists(args.log):
         with open(args.log, errors="replace") as f:
             log = f.read()
     if args.skip_reason:
-        status, message = "skipped", args.skip_reason
+        status, message, args.seconds = "skipped", args.skip_reason, 0.0
     elif args.rc in (124, 137):
         status, message = "timeout", f"killed after its {args.limit} s limit"
     elif args.rc == 0:
         status, message = "ok", ""
     else:
         status, message = "failed", _last_error_line(log, args.stage)
-    if args.pytest:
-        summary = _pytest_summary(log)
-        stage["data"]["pytest"] = summary
-        if args.rc == 5:
-            message = "pytest collected no tests (exit code 5)"
     stage.update(status=status, rc=args.rc, seconds=round(args.seconds, 1), limit_s=args.limit, message=message)
     if args.log:
         stage["log"] = os.path.basename(args.log)
@@ -492,36 +529,90 @@ def cmd_finish(args) -> int:
     return 0
 
 
-def cmd_init(_args) -> int:
-    save(fresh())
+def _budget(args) -> float:
+    return stage_table.DEFAULT_BUDGET_S if args.budget_s is None else args.budget_s
+
+
+def cmd_init(args) -> int:
+    save(fresh(_budget(args)))
     return 0
+
+
+def cmd_budget(args) -> int:
+    """run.sh reads the budget it enforces here: the given or default one, DRY_RUN_FACTOR times it in a dry run."""
+    print(int(_budget(args) * (stage_table.DRY_RUN_FACTOR if dry_run() else 1)))
+    return 0
+
+
+def cmd_limit(args) -> int:
+    """run.sh reads a stage's limit here (one table); a CPU dry run gets DRY_RUN_FACTOR times it."""
+    limit = stage_table.BY_NAME[args.stage].limit_s
+    print(limit * stage_table.DRY_RUN_FACTOR if dry_run() else limit)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """The stage order with each limit and their running sum against the budget (the GPU's, also in a dry run).
+    --check: fail when the limits do not fit the default budget (every stage must run when none finishes early)."""
+    budget = _budget(args)
+    rows = stage_table.plan(budget, _selected())
+    total = sum(s.limit_s for s in stage_table.STAGES)
+    print(f"GPU plan: {len(rows)} stages, most valuable first; budget {budget:g} s (default "
+          f"{stage_table.DEFAULT_BUDGET_S} s); a stage runs only if its whole limit fits in what is left")
+    print(f"  {'#':>2}  {'stage':15s} {'limit s':>7s} {'sum s':>6s} {'H200 s (est.)':>13s}  when every earlier "
+          "stage takes its whole limit")
+    for r in rows:
+        verdict = ("not selected" if not r["selected"] else "runs" if r["runs"] else
+                   "skipped first when time is short")
+        print(f"  {r['order']:>2}  {r['stage']:15s} {r['limit_s']:>7d} {r['cumulative_s']:>6d} {r['typical_s']:>13d}"
+              f"  {verdict}{'' if r['fatal'] else ' (non-fatal)'}")
+    print(f"  limits add up to {total} s; the default budget is {stage_table.DEFAULT_BUDGET_S} s; typical total "
+          f"{sum(s.typical_s for s in stage_table.STAGES)} s (estimated)")
+    if dry_run():
+        print(f"  (this CPU dry run gives each stage {stage_table.DRY_RUN_FACTOR}x its limit, within "
+              f"{stage_table.DRY_RUN_FACTOR}x the budget)")
+    if args.check and total > stage_table.DEFAULT_BUDGET_S:
+        print(f"plan: the stage limits add up to {total} s, over the default budget of "
+              f"{stage_table.DEFAULT_BUDGET_S} s: shorten a limit in benchmarks/gpu/stages.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_summary(_args) -> int:
+    """One line per stage; exit code 0 iff the run is ok (every fatal selected stage ok)."""
+    r = load()
+    for name, s in r["stages"].items():
+        print(f"  {name:15s} {s['status']:12s} {s.get('seconds')} s of {s.get('limit_s')}  {s.get('message', '')}")
+    print(f"  commit {r.get('commit')} ({r.get('dirty')} changed files); ok: {r['ok']}")
+    return 0 if r["ok"] else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("init")
-    sub.add_parser("env")
-    sub.add_parser("verify-build")
-    sub.add_parser("bench")
-    sub.add_parser("attention")
-    sub.add_parser("ops")
+    for name in ("init", "plan", "budget"):
+        q = sub.add_parser(name)
+        q.add_argument("--budget-s", type=float, default=None)
+        if name == "plan":
+            q.add_argument("--check", action="store_true")
+    for name in ("env", "write-commit", "verify-build", "fail-build", "cuda-tests", "bench", "summary"):
+        sub.add_parser(name)
+    for name in ("limit", "not-selected"):
+        sub.add_parser(name).add_argument("--stage", required=True, choices=STAGES)
     e = sub.add_parser("e2e")
     e.add_argument("--stage", required=True, choices=sorted(E2E_FILES))
-    n = sub.add_parser("not-selected")
-    n.add_argument("--stage", required=True)
     f = sub.add_parser("finish")
     f.add_argument("--stage", required=True)
     f.add_argument("--rc", type=int, required=True)
     f.add_argument("--started", type=float, required=True, help="the stage's start, seconds since the epoch")
     f.add_argument("--limit", type=int, required=True)
     f.add_argument("--log", default="")
-    f.add_argument("--pytest", action="store_true", help="parse a pytest summary from the log")
     f.add_argument("--skip-reason", default="")
     args = p.parse_args()
-    return {"init": cmd_init, "env": cmd_env, "verify-build": cmd_verify_build, "bench": cmd_bench,
-            "attention": cmd_attention, "ops": cmd_ops, "e2e": cmd_e2e, "not-selected": cmd_not_selected,
-            "finish": cmd_finish}[args.cmd](args)
+    return {"init": cmd_init, "plan": cmd_plan, "budget": cmd_budget, "limit": cmd_limit, "env": cmd_env, "write-commit": cmd_write_commit,
+            "verify-build": cmd_verify_build, "fail-build": cmd_fail_build, "cuda-tests": cmd_cuda_tests,
+            "bench": cmd_bench, "e2e": cmd_e2e, "not-selected": cmd_not_selected, "finish": cmd_finish,
+            "summary": cmd_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":

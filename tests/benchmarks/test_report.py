@@ -159,3 +159,88 @@ def test_measured_backend_order_ranks_only_the_ops_backends(tmp_path):
     assert written["ops"]["itc_loss"]["order"] == ["torch", "triton", "cpp"] and written["source"] == "gpu.json"
     with pytest.raises(ValueError, match="not a GPU run"):
         report.measured_orders(dict(results, kind="cpu"))
+
+
+README_WITH_BOTH = ("# title\n\nintro — é\n<!-- gpu-stages:start -->\nold stage table\n<!-- gpu-stages:end -->\n"
+                    "middle text\n<!-- perf-table:start -->\nold perf\n<!-- perf-table:end -->\nend, no newline")
+
+
+def synthetic_gpu_results(commit: str = "f" * 40) -> dict:
+    """What benchmarks/gpu/run.sh writes (schema 2) after a GPU run, with rows of every kind."""
+    e2e, ops = report.rows_from(BENCH_JSON)
+
+    def op(group, impl, ms, **kw):
+        return {"group": group, "impl": impl, "median_ms": ms, "speedup_vs_torch": None, **kw}
+
+    attention = [op("itm_cross fwd_bwd p=0.1", "triton", 0.9), op("itm_cross fwd_bwd p=0.1", "torch", 2.7),
+                 op("itm_cross fwd_bwd p=0.1", "sdpa", 1.1), op("query_self fwd", "triton", 0.05),
+                 op("query_self fwd", "torch", 0.04)]
+    sampler = [op("itm_sampling 128x8192 bfloat16", "cpp", 0.02, indices_equal_reference=True),
+               op("itm_sampling 128x8192 bfloat16", "triton", 0.03, indices_equal_reference=True),
+               op("itm_sampling 128x8192 bfloat16", "torch", 0.4, indices_equal_reference=True)]
+    modes = [dict(e2e[0], bench="train_step_modes", impl=m, samples_per_s=s, speedup_vs={})
+             for m, s in (("eager", 400.0), ("cuda_graphs", 480.0), ("fp8", 520.0))]
+
+    def stage(status, seconds, limit, **data):
+        return {"status": status, "seconds": seconds, "limit_s": limit, "fatal": True, "message": "", "data": data}
+
+    return {"schema": 2, "mode": "gpu", "started": "2026-12-08T09:00:00+00:00", "ok": False, "commit": commit,
+            "dirty": 0, "budget_s": 460,
+            "stages": {"env": stage("ok", 3.9, 10, git_commit=commit, git_dirty_files=0, torch="2.11.0+cu130",
+                                    triton="3.6.0", transformers="5.17.0", python="3.12.3",
+                                    gpu={"name": "NVIDIA H200"}),
+                       "build": stage("failed", 104.0, 105, loaded=False),
+                       "cuda_tests": stage("ok", 63.2, 95),
+                       "bench": stage("ok", 58.0, 90, op_rows=attention + sampler + ops, all_identical=True),
+                       "train_modes": stage("ok", 30.1, 55, e2e_rows=modes),
+                       "e2e_stage1": stage("ok", 21.0, 35, e2e_rows=e2e[:2]),
+                       "e2e_stage2": stage("timeout", 40.0, 40),
+                       "e2e_qformer_hf": stage("skipped", 0.0, 20),
+                       "predict": dict(stage("skipped", 0.0, 10), fatal=False)}}
+
+
+def test_refresh_updates_measured_order_and_both_readme_tables_in_one_command(tmp_path):
+    """`report.py refresh gpu_results.json --readme README.md`: the run saved under the results folder, the measured
+    backend order written from its op rows (dropout groups included), the performance table citing the saved file
+    and the commit, the stage table with the run's status and seconds; every byte outside the markers kept."""
+    src = tmp_path / "gpu_results.json"
+    src.write_text(json.dumps(synthetic_gpu_results()))
+    readme = tmp_path / "README.md"
+    readme.write_bytes(README_WITH_BOTH.encode())
+    results_dir, measured = tmp_path / "results", tmp_path / "measured_backends.json"
+    assert report.main(["refresh", str(src), "--readme", str(readme), "--results-dir", str(results_dir),
+                        "--measured-out", str(measured)]) == 0
+    saved = results_dir / "gpu-2026-12-08.json"
+    again = report.load_results(str(saved))  # the saved file reproduces the table on its own
+    assert again["commit"] == "f" * 40 and again["kind"] == "gpu" and len(again["ops"]) == 9
+    orders = json.loads(measured.read_text())
+    assert orders["source"] == "gpu-2026-12-08.json"
+    # summed over its groups (the dropout one included): triton 0.95 ms, torch 2.74 ms; SDPA is no backend
+    assert orders["ops"]["qformer_attention"]["order"] == ["triton", "torch"]
+    assert orders["ops"]["qformer_attention"]["total_ms"] == {"triton": 0.95, "torch": 2.74}
+    assert orders["ops"]["itm_sample_negatives"]["order"] == ["cpp", "triton", "torch"]
+    text = readme.read_bytes().decode()
+    assert text.startswith("# title\n\nintro — é\n<!-- gpu-stages:start -->\n")
+    assert "\nmiddle text\n<!-- perf-table:start -->\n" in text and text.endswith("<!-- perf-table:end -->\nend, no newline")
+    assert "old stage table" not in text and "old perf" not in text
+    assert "report.py results/gpu-2026-12-08.json --readme" in text and "commit `ffffffffff`" in text
+    assert "| train_step_modes | cuda_graphs | 128 | 480 |" in text and "| itm_cross fwd_bwd p=0.1 | sdpa |" in text
+    stage_lines = [l for l in text.splitlines() if l.startswith("| ") and "`" in l.split("|")[2]]
+    assert [l.split("|")[2].strip(" `") for l in stage_lines] == [s["stage"] for s in report._stage_table().plan(460)]
+    assert "| failed, 104 s |" in stage_lines[1] and "| ok, 63.2 s |" in stage_lines[2]
+    assert "| timeout, 40 s |" in stage_lines[6] and "NVIDIA H200, 2026-12-08, commit `ffffffffff`" in text
+
+
+def test_refresh_of_a_cpu_run_leaves_the_gpu_order_alone(tmp_path):
+    doc = synthetic_gpu_results()
+    doc["mode"] = "dry-run (CPU, tiny sizes)"
+    src = tmp_path / "gpu_results.json"
+    src.write_text(json.dumps(doc))
+    measured = tmp_path / "measured_backends.json"
+    measured.write_text("{}\n")
+    readme = tmp_path / "README.md"
+    readme.write_bytes(README_WITH_BOTH.encode())
+    report.main(["refresh", str(src), "--readme", str(readme), "--results-dir", str(tmp_path / "r"),
+                 "--measured-out", str(measured)])
+    assert measured.read_text() == "{}\n" and (tmp_path / "r" / "cpu-2026-12-08.json").exists()
+    assert "not run yet" in readme.read_text()  # a CPU run is no GPU run of the stages

@@ -169,6 +169,29 @@ def find_qformer_tokenizer(path: str) -> Optional[str]:
     return next((c for c in candidates if has_tokenizer(c)), None)
 
 
+def recorded_preprocess(path: str, config: Blip2Config):
+    """The pixels a model was trained with: its native folder's record, its run's config (a checkpoint), else what
+    its tower asks for (data.transforms.tower_preprocess)."""
+    from ..data.transforms import Preprocess, tower_preprocess
+
+    try:
+        kind, where = model_source(path)
+    except FileNotFoundError:
+        kind, where = None, path
+    try:
+        if kind == "native" and read_native_meta(where).get("preprocess"):
+            return Preprocess.from_dict(read_native_meta(where)["preprocess"])
+        if kind == "checkpoint":
+            with open(os.path.join(where, "trainer.json"), encoding="utf-8") as f:
+                data = json.load(f)["config"]["data"]
+            if data.get("image_mean") and data.get("image_std") and data.get("resize"):
+                return Preprocess(config.vision.image_size, data["resize"], tuple(data["image_mean"]),
+                                  tuple(data["image_std"]), f"the run's config ({where})")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return tower_preprocess(config.vision)
+
+
 # ------------------------------------------------------------------------------------------------ save
 def _forget_stages(config_file: str) -> None:
     """A tower cut after its feature layer has fewer layers than its backbone stage list (DINOv2 & co. record
@@ -283,5 +306,5 @@ def load_native(cls, path: str, config: Optional[Blip2Config] = None, vision_dty
     return model
 
 
-__all__ = ["CONFIG_FILE", "QFORMER_TOKENIZER_HF", "RUN_MODEL_DIR", "find_qformer_tokenizer", "model_source", "TOKENIZER_DIR", "VISION_DIR", "has_tokenizer", "is_native_folder", "load_native",
+__all__ = ["CONFIG_FILE", "QFORMER_TOKENIZER_HF", "RUN_MODEL_DIR", "find_qformer_tokenizer", "model_source", "recorded_preprocess", "TOKENIZER_DIR", "VISION_DIR", "has_tokenizer", "is_native_folder", "load_native",
            "native_config", "read_native_meta", "read_native_state_dict", "save_native", "save_qformer_tokenizer"]

@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import MAX_WORDS, BadSample, choose_caption, sample_captions, stable_hash
 from .tokenize import TextEncoder
+from ..config import CLIP_MEAN, CLIP_STD
 from .transforms import ImageTransform, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
@@ -116,6 +117,9 @@ class WebDataConfig:
     max_words: int = MAX_WORDS  # caption cleaning keeps at most this many words
     drop_last: bool = False  # epoch mode: drop each stream's last partial batch
     jpeg_draft: bool = True  # decode JPEGs at a reduced scale keeping the shorter side >= 2 x image_size
+    mean: tuple = CLIP_MEAN  # pixel normalisation: the tower's statistics (data.transforms.tower_preprocess)
+    std: tuple = CLIP_STD
+    resize: str = "crop"  # train=False: crop (shorter side + centre crop) or squash (both sides to image_size)
 
     def __post_init__(self):
         errs = []
@@ -390,7 +394,8 @@ class _Stream:
         self.reading: Optional[str] = None  # the shard of the sample in hand (named when something fails)
         self.num_slots = cfg.mix_shards if cfg.shuffle else 1
         self.state = _upgrade_state(state) if state is not None else _new_stream_state(stream, self.num_slots)
-        self.transform = ImageTransform(cfg.image_size, train=cfg.train)
+        self.transform = ImageTransform(cfg.image_size, train=cfg.train, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                                        resize=cfg.resize)
         if cfg.resampled:
             self.epoch_shards = None
         else:
@@ -786,7 +791,8 @@ class ShardLoader:
                     item = next(it)
                 except StopIteration:
                     break
-                except RuntimeError as e:  # the loader's own failure: a worker process died (killed, out of memory)
+                except (RuntimeError, OSError) as e:  # the loader's own failure: a worker died (killed, out of
+                    # memory), seen by torch's check or as a broken connection while a batch was in transfer
                     raise self.worker_died(e) from None
                 if "_error" in item:
                     raise DataError(item["_error"])

@@ -5,7 +5,9 @@
   tries of (area fraction ~ U(scale), log-aspect ~ U(log ratio)); a box that fits is placed uniformly; after 10
   misses, the largest centred box whose aspect is clamped into `ratio`.
 - eval: resize the shorter side to `size` (bicubic; the longer side truncates, as torchvision) -> centre crop
-  `size` x `size` -> tensor -> normalisation.
+  `size` x `size` (or, resize="squash", both sides to `size`) -> tensor -> normalisation.
+- normalisation: the tower's own statistics (`tower_preprocess`: a transformers tower's preprocessor_config.json,
+  OpenAI CLIP's for the EVA / CLIP towers), CLIP's by default.
 
 Every random draw comes from the `torch.Generator` passed in, so a transform is a pure function of (image,
 generator state): the pipeline seeds one generator per sample visit.
@@ -82,10 +84,85 @@ def to_normalized_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> Tens
     return x.sub_(m).div_(s)
 
 
+RESIZE_MODES = ("crop", "squash")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # transformers' defaults for processors without their own statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a tower wants its pixels: the side, the resize of evaluation images (crop: shorter side to `size` then
+    centre crop; squash: both sides to `size`, LAVIS's BLIP-2 evaluation) and the normalisation."""
+
+    size: int
+    resize: str
+    mean: tuple
+    std: tuple
+    source: str  # where these came from (a preprocessor_config.json, "EVA/CLIP statistics", a flag), for the log
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["size"]), str(d["resize"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("source", "")))
+
+
+def _side(value) -> Optional[int]:
+    """A square side from a transformers size entry ({"height", "width"}, {"shortest_edge"}, or an int)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "height" in value and "width" in value and value["height"] == value["width"]:
+            return int(value["height"])
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+    return None
+
+
+def read_preprocessor_config(folder: str) -> Optional[dict]:
+    """{"size", "resize", "mean", "std"} from a transformers folder's preprocessor_config.json (None: no file).
+    size: crop_size where the processor centre-crops, else size; a missing mean / std is transformers' default
+    (ImageNet's)."""
+    import json
+    import os
+
+    file = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        d = json.load(f)
+    crop = bool(d.get("do_center_crop", False))
+    size = _side(d.get("crop_size")) if crop else None
+    size = size or _side(d.get("size"))
+    mean, std = d.get("image_mean") or IMAGENET_MEAN, d.get("image_std") or IMAGENET_STD
+    if isinstance(mean, (int, float)):
+        mean = [mean] * 3
+    if isinstance(std, (int, float)):
+        std = [std] * 3
+    return {"size": size, "resize": "crop" if crop else "squash", "mean": tuple(float(x) for x in mean),
+            "std": tuple(float(x) for x in std), "file": file}
+
+
+def tower_preprocess(vision) -> Preprocess:
+    """What the tower of `vision` (a VisionConfig) expects: a transformers tower's own preprocessor_config.json
+    (CLIP's statistics and LAVIS's squash when the folder has none); EVA / CLIP towers in LAVIS's layout: the
+    statistics both were trained with (OpenAI CLIP's) and LAVIS's evaluation resize (squash)."""
+    if vision.kind == "hf" and vision.hf_path:
+        found = read_preprocessor_config(vision.hf_path)
+        if found is not None:
+            return Preprocess(vision.image_size, found["resize"], found["mean"], found["std"], found["file"])
+        return Preprocess(vision.image_size, "squash", CLIP_MEAN, CLIP_STD,
+                          f"CLIP statistics (no preprocessor_config.json in {vision.hf_path})")
+    return Preprocess(vision.image_size, "squash", CLIP_MEAN, CLIP_STD, "EVA/CLIP statistics")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """`transform(img, gen)` -> (3, size, size) float32, CLIP-normalised. train=True: the paper's augmentation;
-    train=False: resize + centre crop (the generator is not used)."""
+    """`transform(img, gen)` -> (3, size, size) float32, normalised with `mean` / `std` (CLIP's by default).
+    train=True: the paper's augmentation; train=False: `resize` ("crop": shorter side + centre crop; "squash":
+    both sides to `size`), the generator is not used."""
 
     size: int = 224  # output side in pixels
     train: bool = True  # RandomResizedCrop + flip (True) or resize + centre crop (False)
@@ -94,10 +171,15 @@ class ImageTransform:
     flip_p: float = 0.5  # horizontal flip probability (train only)
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    resize: str = "crop"  # evaluation resize (train=False)
 
     def __post_init__(self):
         if self.size < 1:
             raise ValueError(f"image size={self.size} must be >= 1")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize={self.resize!r}: use one of {RESIZE_MODES}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean={self.mean} / std={self.std}: three values each, std > 0")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"scale={self.scale} must satisfy 0 < low <= high <= 1")
         if not 0 < self.ratio[0] <= self.ratio[1]:
@@ -119,6 +201,8 @@ class ImageTransform:
             out = img.resize((S, S), _BICUBIC, box=(left, top, left + w, top + h))
             if float(torch.rand((), generator=gen, dtype=torch.float64)) < self.flip_p:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        elif self.resize == "squash":
+            out = img.resize((S, S), _BICUBIC)
         else:
             w, h = img.size
             if w <= h:

@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the CPU); the LLM always runs in its own dtype")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward")
     p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
-    p.add_argument("--resize", default="squash", choices=("squash", "crop"),
+    p.add_argument("--resize", default=None, choices=("squash", "crop"),
                    help="eval image transform: squash = resize to size x size (LAVIS's), crop = shorter side + "
-                        "centre crop")
+                        "centre crop (default: what the model was trained with, else its tower's own)")
+    p.add_argument("--image_mean", default=None, help="R,G,B pixel mean (default: the model's / its tower's)")
+    p.add_argument("--image_std", default=None, help="R,G,B pixel std (default: the model's / its tower's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images / questions")
     # retrieval
     p.add_argument("--k", type=int, default=128, help="retrieval: ITC candidates per query reranked by ITM")
@@ -79,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length_penalty", type=float, default=None, help="default: 1 (caption), -1 (vqa)")
     p.add_argument("--no_spice", action="store_true", help="caption: do not attempt SPICE")
     return p
+
+
+def _rgb(parser: argparse.ArgumentParser, name: str, text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or (name == "image_std" and min(values) <= 0):
+        _fail(parser, f"--{name}={text!r}: give three comma-separated numbers R,G,B"
+                      + (" (each > 0)" if name == "image_std" else ""))
+    return values
 
 
 def _fail(parser: argparse.ArgumentParser, msg: str):
@@ -216,7 +231,8 @@ def run_retrieval(model, data, tokenizer_folder: str, a: argparse.Namespace) -> 
     local = data.subset(range(start, end))
     amp = amp_of(a.amp)
     feats, embeds = [], []
-    for pixels in image_batches(local.images, model.config.vision.image_size, a.batch_size, a.resize, a.workers):
+    for pixels in image_batches(local.images, model.config.vision.image_size, a.batch_size, a.resize, a.workers,
+                                a.image_mean, a.image_std):
         f, e = encode_images(model, pixels, amp)
         feats.append(f)
         embeds.append(e)
@@ -263,7 +279,8 @@ def run_caption(model, data, tokenizer, a: argparse.Namespace) -> dict:
     local = data.subset(range(start, end))
     amp = amp_of(a.amp)
     mine = []
-    for pixels in image_batches(local.images, model.config.vision.image_size, a.batch_size, a.resize, a.workers):
+    for pixels in image_batches(local.images, model.config.vision.image_size, a.batch_size, a.resize, a.workers,
+                                a.image_mean, a.image_std):
         if a.decoder == "llm":
             mine += llm_captions(model, pixels, tokenizer, cfg)
         else:
@@ -295,7 +312,8 @@ def run_vqa(model, data, tokenizer, a: argparse.Namespace) -> dict:
     start, end = split_range(len(data))
     local = data.subset(range(start, end))
     mine, pos = [], 0
-    for pixels in image_batches(local.images, model.config.vision.image_size, a.batch_size, a.resize, a.workers):
+    for pixels in image_batches(local.images, model.config.vision.image_size, a.batch_size, a.resize, a.workers,
+                                a.image_mean, a.image_std):
         qs = local.questions[pos:pos + pixels.shape[0]]
         pos += pixels.shape[0]
         mine += vqa_answers(model, pixels, qs, tokenizer, cfg)
@@ -364,6 +382,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     if a.decoder is None:
         a.decoder = "llm" if model.config.llm is not None else "qformer"
+    from ..checkpoint.native import recorded_preprocess
+
+    pre = recorded_preprocess(a.model, model.config)  # what the model was trained with, else its tower's own
+    a.resize = a.resize or pre.resize
+    a.image_mean = _rgb(parser, "image_mean", a.image_mean) or tuple(pre.mean)
+    a.image_std = _rgb(parser, "image_std", a.image_std) or tuple(pre.std)
     model_dir = a.model if os.path.isdir(a.model) else None
     llm_path = model.config.llm.path if model.config.llm is not None else None
     if a.task == "retrieval" or (a.task == "caption" and a.decoder == "qformer"):

@@ -33,29 +33,22 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import CLIP_MEAN, CLIP_STD
 from ..data.captions import BadSample, sample_captions
-from ..data.transforms import ImageTransform, decode_image, to_normalized_tensor
+from ..data.transforms import ImageTransform, decode_image
 
 RESIZE_MODES = ("squash", "crop")
 ImageSource = Union[str, Callable[[], bytes]]  # a file path, or a function returning the encoded bytes
 
 
 # ------------------------------------------------------------------------------------------------ images
-class _Squash:
-    """Resize to size x size (bicubic, aspect ratio not kept), CLIP mean/std: LAVIS's BLIP-2 eval processor."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> Tensor:
-        return to_normalized_tensor(img.resize((self.size, self.size), Image.Resampling.BICUBIC))
-
-
-def image_transform(size: int, resize: str = "squash") -> Callable[[Image.Image], Tensor]:
-    """The evaluation transform (picklable, for DataLoader workers)."""
+def image_transform(size: int, resize: str = "squash", mean: tuple = CLIP_MEAN,
+                    std: tuple = CLIP_STD) -> Callable[[Image.Image], Tensor]:
+    """The evaluation transform (picklable, for DataLoader workers): squash (both sides to `size`, bicubic: LAVIS's
+    BLIP-2 eval processor) or crop (shorter side + centre crop), then the tower's normalisation."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r}: use one of {RESIZE_MODES}")
-    return ImageTransform(size=size, train=False) if resize == "crop" else _Squash(size)
+    return ImageTransform(size=size, train=False, resize=resize, mean=tuple(mean), std=tuple(std))
 
 
 def load_image(source: ImageSource) -> Image.Image:
@@ -75,8 +68,8 @@ def load_image(source: ImageSource) -> Image.Image:
 
 
 class _Images(Dataset):
-    def __init__(self, sources: Sequence[ImageSource], size: int, resize: str):
-        self.sources, self.transform = list(sources), image_transform(size, resize)
+    def __init__(self, sources: Sequence[ImageSource], size: int, resize: str, mean: tuple, std: tuple):
+        self.sources, self.transform = list(sources), image_transform(size, resize, mean, std)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -86,9 +79,9 @@ class _Images(Dataset):
 
 
 def image_batches(sources: Sequence[ImageSource], size: int, batch_size: int, resize: str = "squash",
-                  num_workers: int = 0):
+                  num_workers: int = 0, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD):
     """Batches (B, 3, size, size) float32 of the images, in order (decoded in `num_workers` worker processes)."""
-    return DataLoader(_Images(sources, size, resize), batch_size=batch_size, shuffle=False,
+    return DataLoader(_Images(sources, size, resize, mean, std), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=torch.stack)
 
 

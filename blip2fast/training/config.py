@@ -40,7 +40,11 @@ class DataConfig:
 
     `tokenizer`: stage 1 needs the Q-Former's BERT tokenizer (a local bert-base-uncased folder; "" uses
     weights.bert's folder; "demo" is the word-level tokenizer over the demo captions); stage 2 uses the LLM's
-    tokenizer ("" or "demo" = the folder of weights.llm)."""
+    tokenizer ("" or "demo" = the folder of weights.llm).
+
+    Pixels: a transformers tower's own preprocessor_config.json (its mean / std, crop or not, and its side when
+    model.vision.image_size is left at the preset's), OpenAI CLIP's statistics for the EVA / CLIP towers; the
+    flags below override them, and the run's config.json records what was used."""
 
     urls: str = ""  # shard brace pattern(s), "::"-joined; "" = the procedural demo set (written once to demo_cache)
     tokenizer: str = ""  # tokenizer folder ("" = weights.bert / the LLM's; "demo": the demo's words, stage 1)
@@ -56,6 +60,9 @@ class DataConfig:
     prompt: str = ""  # stage 2, decoder-only LLM: text before each caption (the paper trains with none)
     demo_cache: str = "~/.cache/blip2fast/demo-shards"  # where the demo shards live (env BLIP2FAST_DEMO_CACHE wins)
     demo_samples: int = 16384  # training images in the demo set (written once, then reused)
+    image_mean: Optional[tuple[float, float, float]] = None  # pixel mean; none = the tower's (below)
+    image_std: Optional[tuple[float, float, float]] = None  # pixel std; none = the tower's
+    resize: str = ""  # evaluation resize: crop (shorter side + centre crop) or squash; "" = the tower's
 
 
 @dataclass(frozen=True)

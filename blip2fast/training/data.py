@@ -155,8 +155,20 @@ def web_config(cfg: TrainConfig, urls: str, image_size: int) -> WebDataConfig:
     return WebDataConfig(urls=urls, batch_size=d.batch_size, image_size=image_size, num_workers=d.num_workers,
                          prefetch_factor=d.prefetch_factor, seed=cfg.seed, resampled=d.resampled, shuffle=d.shuffle,
                          shuffle_buffer=d.shuffle_buffer, mix_shards=d.mix_shards, train=d.augment,
-                         max_words=d.max_words,
+                         max_words=d.max_words, **_pixels(d),
                          drop_last=cfg.speed.cuda_graphs)  # a replayed CUDA graph takes one batch shape
+
+
+def _pixels(d) -> dict:
+    """The run's resolved preprocessing (Trainer fills data.image_mean / image_std / resize from the tower)."""
+    out = {}
+    if d.image_mean is not None:
+        out["mean"] = tuple(d.image_mean)
+    if d.image_std is not None:
+        out["std"] = tuple(d.image_std)
+    if d.resize:
+        out["resize"] = d.resize
+    return out
 
 
 def train_loader(cfg: TrainConfig, urls: str, text, image_size: int, rank: int, world_size: int,
@@ -170,10 +182,11 @@ def train_loader(cfg: TrainConfig, urls: str, text, image_size: int, rank: int, 
         raise
 
 
-def heldout_batch(urls: str, size: int, text, image_size: int) -> Optional[dict]:
-    """The first `size` samples of `urls` (file order, resize + centre crop, first caption) as one batch."""
+def heldout_batch(urls: str, size: int, text, image_size: int, data=None) -> Optional[dict]:
+    """The first `size` samples of `urls` (file order, the evaluation resize, first caption) as one batch; `data`
+    (a DataConfig) brings the run's preprocessing."""
     wcfg = WebDataConfig(urls=urls, batch_size=size, image_size=image_size, num_workers=0, resampled=False,
-                         shuffle=False, train=False, mix_shards=1)
+                         shuffle=False, train=False, mix_shards=1, **(_pixels(data) if data is not None else {}))
     loader = ShardLoader(wcfg, text, 0, 1)
     for batch in loader:
         return batch

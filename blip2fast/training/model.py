@@ -130,6 +130,41 @@ def adopt_stage1_config(cfg: TrainConfig, stage1: Optional[Blip2Config]) -> Blip
     return m.replace(vision=vision, qformer=qformer, **top)
 
 
+def _tower_side(cfg: TrainConfig, vision) -> int:
+    """A transformers tower's input side: its preprocessor_config.json's, unless --model.vision.image_size changed
+    the preset's value (then that flag's)."""
+    from ..data.transforms import read_preprocessor_config
+    from .config import PRESETS
+
+    base = PRESETS[cfg.preset]().model.vision.image_size if cfg.preset in PRESETS else None
+    found = read_preprocessor_config(vision.hf_path) if os.path.isdir(vision.hf_path or "") else None
+    if found is None or not found["size"] or (base is not None and vision.image_size != base):
+        return vision.image_size
+    return int(found["size"])
+
+
+def resolve_preprocess(cfg: TrainConfig, mcfg: Blip2Config):
+    """(cfg with data.image_mean / image_std / resize filled in, the Preprocess): the tower's own
+    (data.transforms.tower_preprocess), each value replaced by its flag where one was given."""
+    from ..data.transforms import RESIZE_MODES, Preprocess, tower_preprocess
+
+    tower = tower_preprocess(mcfg.vision)
+    d = cfg.data
+    if d.resize and d.resize not in RESIZE_MODES:
+        raise ConfigError(f"--data.resize={d.resize!r}: use one of {', '.join(RESIZE_MODES)} (or leave it empty for the "
+                          "tower's own)")
+    for name, value in (("image_mean", d.image_mean), ("image_std", d.image_std)):
+        if value is not None and (len(value) != 3 or (name == "image_std" and min(value) <= 0)):
+            raise ConfigError(f"--data.{name}={','.join(map(str, value))}: three comma-separated values (R,G,B)"
+                              + (", each > 0" if name == "image_std" else ""))
+    flags = [n for n, v in (("image_mean", d.image_mean), ("image_std", d.image_std), ("resize", d.resize)) if v]
+    pre = Preprocess(mcfg.vision.image_size, d.resize or tower.resize, tuple(d.image_mean or tower.mean),
+                     tuple(d.image_std or tower.std),
+                     tower.source + (f", with --data.{', --data.'.join(flags)}" if flags else ""))
+    data = dataclasses.replace(d, image_mean=pre.mean, image_std=pre.std, resize=pre.resize)
+    return cfg.replace(data=data), pre
+
+
 def _stage2_model(cfg: TrainConfig) -> Blip2Config:
     """cfg.model with the stage-1 model's sizes (`adopt_stage1_config`); a source that cannot be read is a
     ConfigError naming --weights.stage1."""
@@ -157,6 +192,8 @@ def resolve_model_config(cfg: TrainConfig, device: torch.device) -> Blip2Config:
         if not path:
             raise ConfigError("model.vision.kind='hf' needs a transformers vision folder: --weights.vision=<folder>")
         m = m.replace(vision=dataclasses.replace(m.vision, hf_path=path))
+        if not (cfg.stage == 2 and w.stage1):  # stage 2 keeps the stage-1 model's side
+            m = m.replace(vision=dataclasses.replace(m.vision, image_size=_tower_side(cfg, m.vision)))
     if cfg.stage == 1 and w.bert:
         from ..checkpoint.bert_init import qformer_config_from_bert
 
@@ -389,6 +426,6 @@ def model_from_checkpoint(path: str, vision_dtype: Optional[str] = None, llm_dty
     return model.eval()
 
 
-__all__ = ["absolute_paths", "adopt_stage1_config", "build_model", "check_weight_paths", "load_stage1_weights",
+__all__ = ["absolute_paths", "adopt_stage1_config", "build_model", "resolve_preprocess", "check_weight_paths", "load_stage1_weights",
            "load_vision_weights", "model_from_checkpoint", "resolve_model_config", "set_trainable",
            "stage1_model_config"]

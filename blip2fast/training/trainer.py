@@ -55,7 +55,7 @@ from .config import ConfigError, TrainConfig
 from .data import demo_cache_root, ensure_demo_shards, heldout_batch, text_encoder, train_loader
 from .evaluate import evaluate_retrieval, format_retrieval
 from .logging import MetricLogger, peak_flops, step_flops_per_sample
-from .model import absolute_paths, build_model
+from .model import absolute_paths, build_model, resolve_preprocess
 from .optim import build_optimizer, lr_at
 from .parallel import shard_frozen_towers_, wrap_ddp
 from .step import StepModule, TrainStep
@@ -186,6 +186,11 @@ class Trainer:
         # model (+ fp8 / FSDP2 towers) + optimiser
         self.model, self.extra_prefixes, notes = build_model(cfg, self.device, self.log)
         self.model_config = self.model.config
+        cfg, self.preprocess = resolve_preprocess(cfg, self.model_config)  # the tower's pixels, recorded in config
+        self.cfg = cfg
+        p = self.preprocess
+        notes.append(f"pixels: {p.size} px, {p.resize} for evaluation, mean {_rounded(p.mean)}, std "
+                     f"{_rounded(p.std)} ({p.source})")
         flops = step_flops_per_sample(self.model, self.model_config, cfg.stage, self._text_len())  # before fp8
         notes += self._transform_towers()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -223,7 +228,7 @@ class Trainer:
                                        pin_memory=self.device.type == "cuda")
             self.heldout = None
             if eval_urls and cfg.stage == 1 and (self.rank == 0 or self.sharded):
-                self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size)
+                self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size, data=cfg.data)
         notes += [f"data: {w.message}" for w in data_notes]
 
         # logging
@@ -280,8 +285,8 @@ class Trainer:
         global_batch = d.batch_size * cfg.schedule.accum_steps * self.world_size
         what = "demo shards " + self.demo["folder"] if self.demo else d.urls
         self.log(f"blip2fast stage-{self.stage} training ({cfg.preset}) on {self.device} x {self.world_size}: "
-                 f"{n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M params, vision {m.vision.kind} "
-                 f"{m.vision.width}w x {m.vision.depth}; {cfg.schedule.steps} steps x batch {global_batch} "
+                 f"{n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M params, vision {self._tower_text()}; "
+                 f"{cfg.schedule.steps} steps x batch {global_batch} "
                  f"({d.batch_size} x {cfg.schedule.accum_steps} accum x {self.world_size} ranks), peak lr "
                  f"{cfg.optim.lr:g}")
         self.log(f"  data: {what} ({d.num_workers} workers); run folder: {self.run_dir}")
@@ -291,6 +296,15 @@ class Trainer:
             self.log("  " + self.logger.tb_note)
         if self.resumed_from:
             self.log(f"  resumed from {self.resumed_from} at step {self.step}")
+
+    def _tower_text(self) -> str:
+        """The tower as built: a transformers tower's width and blocks come from its own config (the VisionConfig
+        sizes describe EVA / CLIP towers only)."""
+        v, tower = self.model_config.vision, self.model.visual_encoder
+        if v.kind == "hf":
+            name = type(getattr(tower, "model", tower)).__name__
+            return f"hf {name} {tower.out_width}w x {getattr(tower, 'blocks_run', '?')} blocks, {v.image_size} px"
+        return f"{v.kind} {v.width}w x {v.depth}, {v.image_size} px"
 
     def _save_qformer_tokenizer(self) -> Optional[str]:
         """<run dir>/tokenizer: the Q-Former's tokenizer as a BERT folder (stage 1: the run's own, the demo's words
@@ -360,7 +374,7 @@ class Trainer:
         from ..checkpoint.native import RUN_MODEL_DIR, save_native
 
         native = save_native(self.model, os.path.join(self.run_dir, RUN_MODEL_DIR), tokenizer_folder=self.tokenizer_dir,
-                             preprocess=getattr(self, "preprocess", None))
+                             preprocess=self.preprocess.to_dict())
         self.logger.event("export", step=self.step, path=native, format="blip2fast")
         self.log(f"  model folder: {native} (python -m blip2fast.eval retrieval --model={self.run_dir} ...)")
         self.model_dir = native
@@ -649,6 +663,10 @@ def optimizer_flags(fused: Optional[bool], mode: str, device: torch.device) -> d
     return {"fused": False, "capturable": True}
 
 
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
 def _nonzero(counts: dict) -> dict:
     return {k: v for k, v in counts.items() if v} or "none"
 
@@ -670,6 +688,8 @@ def run(cfg: TrainConfig, print_fn: Callable[[str], None] = print) -> dict:
             if other is not None:
                 watch.end(f"rank {watch.rank}: stopping because {other}")
             watch.announce(_one_line(e))
+            if threading.current_thread() is threading.main_thread():  # torchrun now stops the other ranks and
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # signals this one too: it ends with its own error
         raise
 
 

@@ -1,8 +1,10 @@
-"""Image decoding and transforms: shapes, determinism, the crop rule, flips, centre crop, normalisation."""
+"""Image decoding and transforms: shapes, determinism, the crop rule, flips, centre crop, normalisation, and the
+pixels a tower asks for (its preprocessor_config.json, or CLIP statistics)."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -133,3 +135,38 @@ def test_config_errors_name_the_value():
         ImageTransform(0)
     with pytest.raises(ValueError, match="flip_p=2"):
         ImageTransform(flip_p=2)
+
+
+# ------------------------------------------------------------------------------------------------ the tower's pixels
+def test_squash_resize_and_the_given_statistics():
+    from blip2fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(5)
+    img = Image.fromarray(rng.integers(0, 255, (23, 41, 3), dtype=np.uint8))
+    t = ImageTransform(16, train=False, resize="squash", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    ref = torch.from_numpy(np.array(img.resize((16, 16), Image.Resampling.BICUBIC), dtype=np.float64)).permute(2, 0, 1)
+    ref = (ref / 255 - torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    torch.testing.assert_close(t(img).double(), ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="resize"):
+        ImageTransform(16, resize="stretch")
+
+
+def test_tower_preprocess_reads_the_folder_or_uses_clip_statistics(tmp_path):
+    import json
+
+    from blip2fast.config import VisionConfig
+    from blip2fast.data.transforms import tower_preprocess
+
+    eva = tower_preprocess(VisionConfig(kind="eva", image_size=224))
+    assert (eva.mean, eva.std, eva.resize, eva.size) == (CLIP_MEAN, CLIP_STD, "squash", 224)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"do_center_crop": True, "crop_size": {"height": 196, "width": 196}, "size": {"shortest_edge": 256},
+         "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
+    hf = tower_preprocess(VisionConfig(kind="hf", hf_path=str(tmp_path), image_size=196))
+    assert (hf.mean, hf.std, hf.resize, hf.size) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "crop", 196)
+    assert hf.source.endswith("preprocessor_config.json")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_center_crop": False, "size": {
+        "height": 64, "width": 64}, "image_mean": 0.5, "image_std": 0.5}))
+    flat = tower_preprocess(VisionConfig(kind="hf", hf_path=str(tmp_path), image_size=64))
+    assert (flat.mean, flat.std, flat.resize) == ((0.5,) * 3, (0.5,) * 3, "squash")

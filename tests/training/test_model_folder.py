@@ -49,6 +49,9 @@ def hf_run(tmp_path_factory, demo_cache, tower):
     assert out["step"] == 4 and out["model"] == str(run_dir / "model")
     assert "export" not in out and not os.path.exists(run_dir / "hf")  # transformers' layout: EVA towers only
     assert any("transformers export skipped" in s and "model folder" in s for s in lines), lines
+    # the startup line describes the tower as built (its own width, the blocks up to the second-last layer)
+    assert "vision hf Dinov2Model 48w x 2 blocks, 32 px" in lines[0], lines[0]
+    assert any("pixels: 32 px, crop" in s and "0.229" in s and "preprocessor_config.json" in s for s in lines)
     return str(run_dir)
 
 
@@ -69,6 +72,7 @@ def test_eval_retrieval_reads_the_run_folder(hf_run, demo_cache, tmp_path, capsy
     record, printed = _eval(["retrieval", f"--model={path}", f"--data={demo_cache['eval']}", "--limit=12", "--k=4",
                              "--workers=0", "--device=cpu", f"--out={tmp_path / 'r.json'}"], capsys)
     m = record["metrics"]
+    assert record["settings"]["resize"] == "crop"  # what the run used (the tower's preprocessor_config.json)
     assert m["n_images"] == 12 and 0 <= m["i2t_r1"] <= 1 and "retrieval: 12 images" in printed.out
 
 
@@ -83,6 +87,35 @@ def test_run_model_folder_and_checkpoint_hold_the_same_model(hf_run):
         torch.testing.assert_close(a.query_output(x), b.query_output(x), rtol=0, atol=0)
     saved = json.loads(open(os.path.join(hf_run, "config.json")).read())
     assert os.path.isabs(saved["weights"]["vision"]) and os.path.isabs(saved["checkpoint"]["dir"])
+    # the run recorded the tower's pixels (DINOv2: ImageNet statistics, centre crop), and so did its model folder
+    assert saved["data"]["image_std"] == [0.229, 0.224, 0.225] and saved["data"]["resize"] == "crop"
+    meta = json.loads(open(os.path.join(hf_run, "model", "blip2fast_model.json")).read())
+    assert meta["preprocess"]["std"] == [0.229, 0.224, 0.225] and meta["preprocess"]["size"] == IMG
+
+
+def test_tower_side_and_statistics_come_from_the_folder_unless_a_flag_says(tower, tmp_path):
+    import shutil
+
+    from blip2fast.training.model import resolve_model_config, resolve_preprocess
+
+    other = tmp_path / "tower40"
+    shutil.copytree(tower, other)
+    pre = json.loads((other / "preprocessor_config.json").read_text())
+    pre["crop_size"] = {"height": 40, "width": 40}
+    (other / "preprocessor_config.json").write_text(json.dumps(pre))
+    base = tiny_config(tmp_path / "run")
+    vision = VisionConfig(kind="hf", hf_path=str(other), image_size=IMG, dtype="float32")
+    cfg = base.replace(model=base.model.replace(vision=vision), weights=WeightsConfig(vision=str(other)))
+    m = resolve_model_config(cfg, torch.device("cpu"))
+    assert m.vision.image_size == 40  # the preset's side was not asked for: the tower's
+    asked = cfg.replace(model=cfg.model.replace(vision=dataclasses.replace(vision, image_size=48)))
+    assert resolve_model_config(asked, torch.device("cpu")).vision.image_size == 48
+    flagged = cfg.replace(data=dataclasses.replace(cfg.data, image_std=(0.5, 0.5, 0.5), resize="squash"))
+    out, p = resolve_preprocess(flagged, m)
+    assert p.std == (0.5, 0.5, 0.5) and p.mean == (0.485, 0.456, 0.406) and p.resize == "squash"
+    assert out.data.image_mean == (0.485, 0.456, 0.406) and "--data.image_std" in p.source
+    with pytest.raises(ConfigError, match="data.resize"):
+        resolve_preprocess(cfg.replace(data=dataclasses.replace(cfg.data, resize="stretch")), m)
 
 
 def _stage2_args(run_dir, stage1, llm, *extra):

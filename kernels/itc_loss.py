@@ -17,7 +17,8 @@ Kernels (one launch each; `launch_config` has the block table):
                       (BLOCK_A*QP, E) x (E, BLOCK_C), then max and argmax over q. Writes sim / temp (fp32) and the
                       argmax query (int32). Every (a, c) is written by exactly one program.
   _ce_kernel          per (block of rows, direction): online logsumexp over column tiles, the target and uniform
-                      terms of the smoothed CE, and w = E_p[sim] - (1-eps) sim_t - eps/C sum_j sim (for d temp).
+                      terms of the smoothed CE, and w = E_p[sim] - (1-eps) sim_t - eps/C sum_j sim (for d temp),
+                      both taken relative to the row's target sim (no cancellation between values ~ 1 / temp).
   _bwd_multi_kernel   dA[a, q] = sum_c [arg[a, c] == q] G[a, c] C[c]: per (A block, split of C's blocks), one
                       tl.dot of the query-expanded G (BLOCK_A*QP, BLOCK_C) x C tile (BLOCK_C, E) per column block.
   _bwd_single_kernel  dC[c] = sum_a G[a, c] A[a, arg[a, c]]: per (C block, split of A's blocks), one tl.dot of the
@@ -137,7 +138,6 @@ def _ce_kernel(
     ROW_LOSS,  # *f32 (2, B) out: label-smoothed CE of each row
     ROW_W,  # *f32 (2, B) out: E_p[sim] - (1-eps) sim_t - eps/Ba sum_j sim (d temp = -scale * sum w)
     B, Ba,
-    eps_keep,  # 1 - eps
     eps_unif,  # eps / Ba
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -146,12 +146,19 @@ def _ce_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_in = offs_r < B
     t = tl.load(TGT + offs_r, mask=r_in, other=0)
-    base = SIM + direction.to(tl.int64) * B * Ba + offs_r[:, None].to(tl.int64) * Ba
+    bad_target = (t < 0) | (t >= Ba)  # no host check is possible without a sync: the loss shows it as NaN
+    row_base = SIM + direction.to(tl.int64) * B * Ba + offs_r.to(tl.int64) * Ba
+    base = row_base[:, None]
+    # The smoothed-CE terms are taken relative to the row's target sim s_t: with d_j = s_j - s_t,
+    #   loss = (m - s_t) + log l - eps/Ba sum_j d_j,   w = E_p[d] - eps/Ba sum_j d_j   (sum_j (p_j - q_j) = 0).
+    # Written with absolute sims, both are differences of values ~ 1 / temp that nearly cancel (a row's sims often
+    # differ by percents only): fp32 rounding of ~1e-6 per row, as large as d temp's whole fp32 error (d temp is
+    # ill-conditioned in the sims). The d_j are small and s_j - s_t rounds relative to them.
+    s_t = tl.load(row_base + tl.where(bad_target, 0, t), mask=r_in, other=0.0)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_R], tl.float32)  # sum exp(s - m)
-    u = tl.zeros([BLOCK_R], tl.float32)  # sum exp(s - m) * s
-    s_sum = tl.zeros([BLOCK_R], tl.float32)
-    s_tgt = tl.zeros([BLOCK_R], tl.float32)
+    u = tl.zeros([BLOCK_R], tl.float32)  # sum exp(s - m) * (s - s_t)
+    d_sum = tl.zeros([BLOCK_R], tl.float32)  # sum (s - s_t)
     for j0 in range(0, Ba, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask = r_in[:, None] & (offs_j < Ba)[None, :]
@@ -160,17 +167,15 @@ def _ce_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows: no inf - inf
         alpha = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        s0 = tl.where(mask, s, 0.0)
+        d = tl.where(mask, s - s_t[:, None], 0.0)
         l = l * alpha + tl.sum(p, axis=1)
-        u = u * alpha + tl.sum(p * s0, axis=1)
-        s_sum += tl.sum(s0, axis=1)
-        s_tgt += tl.sum(tl.where(offs_j[None, :] == t[:, None], s0, 0.0), axis=1)
+        u = u * alpha + tl.sum(p * d, axis=1)
+        d_sum += tl.sum(d, axis=1)
         m = m_new
     l_safe = tl.where(r_in, l, 1.0)
-    smooth = eps_keep * s_tgt + eps_unif * s_sum
-    bad_target = (t < 0) | (t >= Ba)  # no host check is possible without a sync: the loss shows it as NaN
-    loss = tl.where(bad_target, float("nan"), (m - smooth) + tl.log(l_safe))  # lse - smooth, m - smooth first
-    w = u / l_safe - smooth
+    unif = eps_unif * d_sum
+    loss = tl.where(bad_target, float("nan"), ((m - s_t) + tl.log(l_safe)) - unif)
+    w = u / l_safe - unif
     out = direction * B + offs_r
     tl.store(ROW_MAX + out, m, mask=r_in)
     tl.store(ROW_SUM + out, l_safe, mask=r_in)
@@ -429,7 +434,7 @@ def forward(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, text_all:
     rows = torch.empty((4, 2, B), dtype=torch.float32, device=dev)  # row max, row sum, row loss, row w
     eps = float(label_smoothing)
     _ce_kernel[(triton.cdiv(B, CE_BLOCK_R), 2)](
-        sims, targets, rows[0], rows[1], rows[2], rows[3], B, Ba, 1.0 - eps, eps / Ba,
+        sims, targets, rows[0], rows[1], rows[2], rows[3], B, Ba, eps / Ba,
         BLOCK_R=CE_BLOCK_R, BLOCK_J=CE_BLOCK_J, num_warps=4,
     )
     LAUNCHES["ce"] += 1

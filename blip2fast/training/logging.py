@@ -54,6 +54,12 @@ from ..flops import step_flops_per_sample  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------------ the logger
+def _rate(per_s: float) -> str:
+    """Three significant digits below 100 ("0.412", "7.35", "41.2"), whole numbers above: a slow CPU run's 0.4
+    samples/s never shows as 0 or 1."""
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600)
@@ -129,7 +135,7 @@ class MetricLogger:
         frac = step / max(1, self.total_steps)
         self.print(f"{_bar(frac)} step {step:{len(str(self.total_steps))}d}/{self.total_steps}  loss "
                    f"{means['loss']:.4f}" + (f" ({terms})" if terms else "") + f"  lr {lr:.2e}  |g| {grad_norm:.2f}  "
-                   f"{rate:.0f} samples/s  {tflops:.3g} TFLOP/s (est.){mfu}  ETA {_duration(eta)}")
+                   f"{_rate(rate)} samples/s  {tflops:.3g} TFLOP/s (est.){mfu}  ETA {_duration(eta)}")
         sys.stdout.flush()
         self.event("train", **rec)
         if self._tb is not None:

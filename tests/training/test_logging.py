@@ -50,3 +50,9 @@ def test_flop_estimate_matches_a_counted_vision_forward_and_counts_stage1():
     assert 0.8 < est / counted < 1.25, (est, counted)  # the estimate leaves out elementwise work only
     per_sample = step_flops_per_sample(model, cfg, stage=1, text_len=cfg.max_text_len)
     assert per_sample > est  # the Q-Former's passes (x3 for backward) come on top of the tower's forward
+
+
+def test_low_sample_rates_keep_their_digits():
+    from blip2fast.training.logging import _rate
+
+    assert [_rate(x) for x in (0.4123, 1.26, 7.349, 41.23, 320.4)] == ["0.412", "1.26", "7.35", "41.2", "320"]

@@ -70,6 +70,12 @@ def test_one_ranks_worker_dies_and_both_ranks_end_within_seconds(tmp_path, demo_
     assert len(failed) == 1 and "open shards" in failed[0] and ".tar" in failed[0], out[-4000:]
     assert re.search(r"rank 0: stopping because rank 1 failed: rank 1: a data loader worker failed", out), out[-4000:]
     # torchrun's summary: both ranks ended with an exit code of their own (not torchrun's SIGTERM / SIGKILL)
-    codes = dict(re.findall(r"rank\s*:\s*(\d)\s.*?\n.*?exitcode\s*:\s*(-?\d+)", out, flags=re.S))
-    assert set(codes) == {"0", "1"} and all(int(c) > 0 for c in codes.values()), (codes, out[-4000:])
+    codes, rank = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s*rank\s*:\s*(\d+) \(local_rank", line)
+        rank = m.group(1) if m else rank
+        m = re.match(r"\s*exitcode\s*:\s*(-?\d+)", line)
+        if m and rank is not None:
+            codes[rank] = int(m.group(1))
+    assert set(codes) == {"0", "1"} and all(c > 0 for c in codes.values()), (codes, out[-4000:])
     assert not os.path.exists(run_dir)  # no checkpoint was written: no half-written run folder

@@ -63,10 +63,38 @@ def _cuda_arch_flags() -> list[str]:
     return ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=compute_80"]
 
 
+def _has_cuda_headers(home: str) -> bool:
+    return os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _set_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit that has its headers, before torch's cpp_extension reads it.
+
+    torch derives CUDA_HOME from `which nvcc` as nvcc's grandparent folder. Where nvcc is a wrapper script (here
+    /usr/local/bin/nvcc runs /usr/local/cuda-13.0/bin/nvcc) that gives /usr/local, which has no cuda_runtime.h, and
+    the build fails deep inside ninja. A CUDA_HOME the user set is kept as it is."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    if nvcc and _has_cuda_headers(candidates[0]):
+        return  # torch's own guess is right
+    for home in candidates:
+        if _has_cuda_headers(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def extension_modules() -> tuple[list, dict]:
     if os.environ.get("BLIP2FAST_BUILD_EXT", "1").strip() == "0":
         print("blip2fast: BLIP2FAST_BUILD_EXT=0, not building blip2fast._C (PyTorch fallbacks only)")
         return [], {}
+    _set_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -86,7 +114,10 @@ def extension_modules() -> tuple[list, dict]:
             f"FORCE_CUDA=1 but no CUDA toolkit was found for torch {torch.__version__} (CUDA {torch_cuda}): set "
             "CUDA_HOME to the toolkit (e.g. /usr/local/cuda) or put nvcc on PATH."
         )
-    use_cuda = torch_cuda is not None and CUDA_HOME is not None
+    if force_cuda and not _has_cuda_headers(CUDA_HOME):
+        _fail(f"FORCE_CUDA=1 but the CUDA toolkit at {CUDA_HOME} has no include/cuda_runtime.h: set CUDA_HOME to the "
+              "toolkit's folder (the one holding bin/nvcc and include/).")
+    use_cuda = torch_cuda is not None and CUDA_HOME is not None and _has_cuda_headers(CUDA_HOME)
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "itc_loss_cpu.cpp"),
@@ -110,7 +141,8 @@ def extension_modules() -> tuple[list, dict]:
             include_dirs=[os.path.join(ROOT, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
         )
-        why = "torch is a CPU build" if torch_cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
+        why = ("torch is a CPU build" if torch_cuda is None else
+               "no CUDA toolkit with headers found (set CUDA_HOME)" if CUDA_HOME else "no CUDA toolkit found (set CUDA_HOME)")
         kind = f"C++ CPU only ({why})"
     jobs = os.environ["MAX_JOBS"]
     print(f"blip2fast: building blip2fast._C against torch {torch.__version__}: {kind}; MAX_JOBS={jobs}")
@@ -146,17 +178,24 @@ setup(
     package_data={"blip2fast.ops": ["measured_backends.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # Each range is tested at both ends by CI (.ci/run): the newest that pip resolves today (the README's commands)
+    # and the oldest allowed (uv's lowest-direct resolution, Python 3.12, the GPU machine's torch/triton/transformers).
     install_requires=[
         "torch>=2.11,<2.15",
         "triton>=3.6; platform_system == 'Linux'",
-        "numpy",
-        "transformers>=5.0,<6",
-        "safetensors",
-        "webdataset",
-        "braceexpand",
-        "pillow",
+        "numpy>=2.0",
+        "transformers>=5.17,<6",
+        "safetensors>=0.4.3",
+        "braceexpand>=0.1.7",  # shard patterns such as shards/{00000..00099}.tar
+        "pillow>=10.1",
+        "tensorboard>=2.18",  # training curves (event files in every run folder)
+        "matplotlib>=3.9",  # python -m blip2fast.plot: the curves as a PNG
     ],
-    # eval: COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; needs Java) for `python -m blip2fast.eval caption`
-    extras_require={"test": ["pytest", "pytest-benchmark"], "eval": ["pycocoevalcap"]},
+    extras_require={
+        # webdataset: tests read our shards back with it (blip2fast's own reader does not need it);
+        # pycocoevalcap: COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; METEOR runs on Java)
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "webdataset>=0.2.100", "pycocoevalcap>=1.2"],
+        "eval": ["pycocoevalcap>=1.2"],
+    },
     zip_safe=False,
 )

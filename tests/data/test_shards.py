@@ -287,3 +287,21 @@ def test_index_shard_layouts_and_damage(tmp_path):
     path.write_bytes(b"")
     assert index_shard(str(path)) == ([], "unreadable")
     assert index_shard(str(tmp_path / "gone.tar")) == ([], "unreadable")
+
+
+def test_one_shard_mixed_four_ways_never_repeats_an_image_in_a_batch(clean_shards, tmp_path):
+    """Issue 18 item 5: one shard and mix_shards=4 (four open visits of the same shard) used to put the same
+    image twice into a batch (false negatives for ITC / ITM). A draw already in the batch is passed over now,
+    unless the data holds fewer samples than a batch, which is reported at start."""
+    from blip2fast.data.write_shards import write_shards
+
+    root = clean_shards["root"]
+    one = write_shards(str(root / "images"), str(root / "captions.json"), str(tmp_path / "one"), shard_size=100,
+                       log=lambda s: None)["pattern"]
+    L = loader(one, batch_size=8, mix_shards=4, shuffle_buffer=4)
+    batches = take(L, 30)
+    assert all(len(set(b["keys"])) == 8 for b in batches)
+    assert sum(s["duplicates"] for s in L.state_dict()["streams"]) > 0  # the case arose and was handled
+    with pytest.warns(UserWarning, match="hold only 24 sample.*fewer than a batch of 32.*repeats images"):
+        small = loader(one, batch_size=32, mix_shards=4)
+    assert small.allow_repeats and take(small, 2)[1]["pixel_values"].shape[0] == 32

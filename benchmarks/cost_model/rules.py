@@ -66,9 +66,12 @@ def _tensor_leaves(x: Any) -> list:
 
 
 def _dtype(args, out) -> str:
-    for t in _tensor_leaves(out) + _tensor_leaves(args):
-        if t.is_floating_point():
-            return str(t.dtype).removeprefix("torch.")
+    """The precision an op computes in: its largest floating output, else its largest floating input (for
+    matmuls and fused kernels the caller passes no output: their inputs' precision, not a scalar loss's)."""
+    for group in (_tensor_leaves(out), _tensor_leaves(args)):
+        floats = [t for t in group if t.is_floating_point()]
+        if floats:
+            return str(max(floats, key=lambda t: t.numel()).dtype).removeprefix("torch.")
     ts = _tensor_leaves(out) + _tensor_leaves(args)
     return str(ts[0].dtype).removeprefix("torch.") if ts else ""
 
@@ -127,10 +130,12 @@ def cost_of(func, args: tuple, kwargs: dict, out: Any, phase: str, region: str):
     name = op_name(func)
     dtype = _dtype(args, out)
     if name in kernel_cost.COSTS:
+        dtype = _dtype(args, None)  # a fused kernel computes in its inputs' precision
         c = kernel_cost.COSTS[name](*args, **kwargs)
         return Event(name, phase, region, c.kind, flops=c.flops, extra_flops=c.extra_flops, bytes_read=c.bytes_read,
                      bytes_written=c.bytes_written, launches=c.launches, dtype=dtype)
     if name in ("cost_model::sdpa", "cost_model::sdpa_backward"):
+        dtype = _dtype(args, None)
         kind, fl, extra, rd, wr = _sdpa_cost(name, args)
         label = f"sdpa_{sdpa_variant_of(name, args)}_{'fwd' if kind == 'attention_fwd' else 'bwd'}"
         return Event(label, phase, region, kind, flops=fl, extra_flops=extra, bytes_read=rd, bytes_written=wr,
@@ -155,6 +160,8 @@ def cost_of(func, args: tuple, kwargs: dict, out: Any, phase: str, region: str):
     if packet in flop_registry:
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
         kind = "matmul"
+        # a matmul runs at its operands' precision (float8 in, bf16 out for torch._scaled_mm)
+        dtype = _dtype(args, None)
     ev = Event(name, phase, region, kind, flops=flops, bytes_read=read, bytes_written=written, launches=1,
                dtype=dtype)
     if kind == "matmul":

@@ -95,10 +95,15 @@ def model_config(spec: StepSpec) -> Blip2Config:
 
 @contextlib.contextmanager
 def backend_env(backend: str):
-    """BLIP2FAST_BACKEND for the trace ("auto": unset, the automatic choice)."""
+    """BLIP2FAST_BACKEND for the trace. "auto": what automatic choice picks on CUDA, i.e. the fastest backend the
+    GPU check measured per op (blip2fast/ops/measured_backends.json), torch for an op never measured (on meta
+    tensors the ops' own automatic rule would take the CPU branch)."""
     old = os.environ.get("BLIP2FAST_BACKEND")
     if backend == "auto":
-        os.environ.pop("BLIP2FAST_BACKEND", None)
+        from blip2fast.ops.dispatch import measured_backends
+
+        picks = [f"{op}={e['order'][0]}" for op, e in measured_backends().items() if e.get("order")]
+        os.environ["BLIP2FAST_BACKEND"] = ",".join(picks) if picks else "torch"
     else:
         os.environ["BLIP2FAST_BACKEND"] = backend
     try:
@@ -183,10 +188,10 @@ def _mark_regions(model, regions: Regions, patches: list, lavis=None) -> None:
 def _mark_llm(llm, regions: Regions, patches: list) -> None:
     """The frozen LLM's trunk (its modules down to the decoder stack), whichever entry point the code calls; its
     output head is the "LM head" region."""
-    for name, mod in llm.named_modules():
-        if name.count(".") <= 1:
-            regions.wrap(mod, "forward", "frozen LLM", patches)
     head = llm.get_output_embeddings()
+    for name, mod in llm.named_modules():
+        if name.count(".") <= 1 and mod is not head:
+            regions.wrap(mod, "forward", "frozen LLM", patches)
     if head is not None:
         regions.wrap(head, "forward", "LM head (LLM)", patches)
 
@@ -275,6 +280,9 @@ def _blip2fast_step(spec, model, batch, regions, patches):
     patches.append((torch.autograd, "grad", grad))
     torch.autograd.grad = grad_in_backward
 
+    if spec.mode == "cuda_graphs":  # what code that asks "am I being captured?" hears under capture
+        _set_capturing(patches)
+
     def run():
         with backend_env(spec.backend):
             ts._body([batch])
@@ -282,6 +290,19 @@ def _blip2fast_step(spec, model, batch, regions, patches):
         regions.phase = "forward"
 
     return run
+
+
+def _set_capturing(patches: list) -> None:
+    """torch.cuda.is_current_stream_capturing() -> True (and transformers' copy of the check), as inside
+    torch.cuda.graph: transformers then skips its host-side padding-mask checks, as it does under capture."""
+    patches.append((torch.cuda, "is_current_stream_capturing", torch.cuda.is_current_stream_capturing))
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        from transformers.utils import import_utils
+    except ImportError:
+        return
+    patches.append((import_utils, "is_cuda_stream_capturing", import_utils.is_cuda_stream_capturing))
+    import_utils.is_cuda_stream_capturing = lambda: True
 
 
 def _missing():

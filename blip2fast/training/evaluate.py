@@ -1,4 +1,6 @@
-"""Held-out image<->text retrieval during training (stage 1): recall@k ranked by ITC cosine, against chance.
+"""Held-out evaluation during training. Stage 1: image<->text retrieval, recall@k ranked by ITC cosine, against
+chance. Stage 2 (`evaluate_stage2`): the language-modelling loss on held-out pairs and a few greedy captions beside
+their references.
 
 The full protocol (top-k ITC candidates re-scored by ITM, COCO / Flickr splits) belongs to `blip2fast.eval`; this is
 the quick check a training run prints: N held-out pairs (image i, caption i) with distinct captions, each query
@@ -53,4 +55,66 @@ def format_retrieval(m: dict) -> str:
             f"chance = {m['chance']:.3f}")
 
 
-__all__ = ["evaluate_retrieval", "format_retrieval", "retrieval_metrics"]
+# ------------------------------------------------------------------------------------------------ stage 2
+def _references(tokenizer, batch: dict, rows: int) -> list[str]:
+    """The held-out captions as the model saw them: decoder-only, the label tokens (the caption after BOS and any
+    prompt); encoder-decoder, the encoder's prefix then the decoder's suffix."""
+    out = []
+    for i in range(rows):
+        labels = batch["labels"][i]
+        target = tokenizer.decode(labels[labels != -100].tolist(), skip_special_tokens=True).strip()
+        if labels.shape != batch["input_ids"][i].shape:  # encoder-decoder: the prefix went to the encoder
+            ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            target = (tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip() + " " + target).strip()
+        out.append(target)
+    return out
+
+
+@torch.no_grad()
+def evaluate_stage2(model, batch: dict, device: torch.device, tokenizer, prompt: str = "", captions: int = 3,
+                    chunk: int = 16, max_new_tokens: int = 20,
+                    autocast: Optional[contextlib.AbstractContextManager] = None) -> dict:
+    """Stage 2 on a held-out batch dict (`pixel_values`, `input_ids`, `attention_mask`, `labels` from the stage-2
+    text encoder): the language-modelling loss over all its label tokens (computed `chunk` rows at a time, weighted
+    by tokens), and greedy captions of the first `captions` images beside their references. The model's train/eval
+    mode is kept."""
+    from ..eval.captioning import llm_generate_text
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        total, tokens = 0.0, 0
+        n = batch["pixel_values"].shape[0]
+        with autocast if autocast is not None else contextlib.nullcontext():
+            for s in range(0, n, chunk):
+                part = {k: batch[k][s:s + chunk].to(device) for k in ("pixel_values", "input_ids", "attention_mask",
+                                                                      "labels")}
+                out = model.stage2_loss(part["pixel_values"], part["input_ids"], part["attention_mask"],
+                                        part["labels"])
+                count = int(out.num_tokens)
+                total += float(out.loss) * count
+                tokens += count
+        k = min(captions, n)
+        generated = llm_generate_text(model, batch["pixel_values"][:k].to(device), tokenizer, [prompt] * k,
+                                      num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=1,
+                                      length_penalty=1.0) if k else []
+    finally:
+        model.train(was_training)
+    pairs = [{"generated": g, "reference": r} for g, r in zip(generated, _references(tokenizer, batch, k))]
+    return {"n": n, "loss": total / max(tokens, 1), "tokens": tokens, "captions": pairs}
+
+
+def format_stage2(m: dict) -> str:
+    """The held-out loss, then one line per caption: generated <- reference."""
+    lines = [f"held-out LM loss (N={m['n']}, {m['tokens']} tokens) = {m['loss']:.4f}"]
+    lines += [f"    {c['generated']!r}  (reference: {c['reference']!r})" for c in m["captions"]]
+    return "\n".join(lines)
+
+
+def format_eval(m: dict) -> str:
+    """Either evaluation's report (stage 1: retrieval; stage 2: loss and captions)."""
+    return format_retrieval(m) if "i2t_r1" in m else format_stage2(m)
+
+
+__all__ = ["evaluate_retrieval", "evaluate_stage2", "format_eval", "format_retrieval", "format_stage2",
+           "retrieval_metrics"]

@@ -15,7 +15,8 @@ torch.cuda.set_sync_debug_mode("error")).
 Around it (`fit`): checkpoints every checkpoint.every steps and at the end (checkpoint.py: atomic, last K kept,
 everything needed for an exact resume); SIGTERM / SIGINT save a checkpoint at the next step boundary and stop
 (a second Ctrl-C kills at once); SIGUSR1 saves a checkpoint and writes the transformers export at the next step
-boundary and continues; held-out retrieval before / every eval.every / after (stage 1); a transformers export at
+boundary and continues; held-out evaluation before / every eval.every / after (stage 1: retrieval R@k; stage 2:
+the LM loss and a few captions beside their references); the model folder <run>/model and a transformers export at
 the end.
 
 Exact resume: the checkpoint holds the trainable weights, AdamW state, step, the RNG states of every rank and
@@ -53,7 +54,7 @@ from . import checkpoint as ckpt
 from . import failure
 from .config import ConfigError, TrainConfig
 from .data import demo_cache_root, ensure_demo_shards, heldout_batch, text_encoder, train_loader
-from .evaluate import evaluate_retrieval, format_retrieval
+from .evaluate import evaluate_retrieval, evaluate_stage2, format_eval, format_retrieval
 from .logging import MetricLogger, peak_flops, step_flops_per_sample
 from .model import absolute_paths, build_model, resolve_preprocess
 from .optim import build_optimizer, lr_at
@@ -227,7 +228,7 @@ class Trainer:
             self.loader = train_loader(cfg, train_urls, self.text, image_size, self.rank, self.world_size,
                                        pin_memory=self.device.type == "cuda")
             self.heldout = None
-            if eval_urls and cfg.stage == 1 and (self.rank == 0 or self.sharded):
+            if eval_urls and (self.rank == 0 or self.sharded):
                 self.heldout = heldout_batch(eval_urls, cfg.eval.size, self.text, image_size, data=cfg.data)
         notes += [f"data: {w.message}" for w in data_notes]
 
@@ -507,6 +508,11 @@ class Trainer:
         forward all-gathers; rank 0 logs)."""
         if self.heldout is None or (self.rank != 0 and not self.sharded):
             return None
+        if self.stage == 2:  # held-out LM loss and a few captions beside their references
+            m = evaluate_stage2(self.model, self.heldout, self.device, self.text.tokenizer, prompt=self.cfg.data.prompt,
+                                chunk=self.cfg.data.batch_size, autocast=self.autocast())
+            self.logger.event("eval", step=self.step, when=when, **m)
+            return m
         m = evaluate_retrieval(self.model, self.heldout, self.device, autocast=self.autocast())
         if self.cfg.eval.rerank_k > 0:  # the paper's protocol, on this rank's copy: no ITC / ITM collectives
             from ..eval.retrieval import evaluate_retrieval as paper_protocol
@@ -528,7 +534,7 @@ class Trainer:
                           world_size=self.world_size, preset=cfg.preset)
         before = self.evaluate("before") if self.step == 0 else None
         if before is not None:
-            self.log(f"  before training: {format_retrieval(before)}")
+            self.log(f"  before training: {format_eval(before)}")
         old_handlers = self._install_signals()
         history: list[dict] = []
         batches = self._batches()
@@ -568,7 +574,7 @@ class Trainer:
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
                     m = self.evaluate("during")
                     if m is not None:
-                        self.log(f"  step {self.step}: {format_retrieval(m)}")
+                        self.log(f"  step {self.step}: {format_eval(m)}")
                 periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
                 if periodic or self.step == total or stop or export_now:
                     self.save()
@@ -605,7 +611,12 @@ class Trainer:
                 result["export"] = exported
             if getattr(self, "model_dir", None):
                 result["model"] = self.model_dir
-            if after is not None:
+            if after is not None and self.stage == 2:
+                result.update(after)
+                result["before"] = before
+                self.log(format_eval(after) + ("" if before is None else
+                                               f"\n  before training: held-out LM loss {before['loss']:.4f}"))
+            elif after is not None:
                 result.update(after)
                 result["before"] = before
                 self.log(format_retrieval(after))

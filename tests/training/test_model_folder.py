@@ -121,19 +121,25 @@ def test_tower_side_and_statistics_come_from_the_folder_unless_a_flag_says(tower
 def _stage2_args(run_dir, stage1, llm, *extra):
     return ["--preset=stage2_opt2.7b", f"--weights.stage1={stage1}", f"--weights.llm={llm}", "--steps=2",
             "--batch_size=4", "--data.num_workers=0", "--logging.every=1", "--logging.tensorboard=false",
-            f"--checkpoint.dir={run_dir}", "--device=cpu", "--model.llm.dtype=float32", *extra]
+            f"--checkpoint.dir={run_dir}", "--device=cpu", "--model.llm.dtype=float32", "--eval.size=8", *extra]
 
 
 def test_stage2_takes_the_stage1_sizes_and_captions(hf_run, llm_folders, demo_cache, tmp_path, capsys):
     cfg = parse_cli(_stage2_args(tmp_path / "s2", hf_run, llm_folders["opt"]))
     assert cfg.model.qformer.hidden_size == 768  # the preset's; the run's model comes from stage 1
-    trainer = Trainer(cfg, print_fn=lambda s: None)
+    lines = []
+    trainer = Trainer(cfg, print_fn=lines.append)
     s1 = json.loads(open(os.path.join(hf_run, "model", "blip2fast_model.json")).read())["model"]
     m = trainer.model.config
     assert dataclasses.asdict(m.qformer) == s1["qformer"] and m.embed_dim == s1["embed_dim"]
     assert m.vision.kind == "hf" and m.vision.width == s1["vision"]["width"]
     out = trainer.fit()
     assert out["step"] == 2 and os.path.isdir(out["model"])
+    # stage 2 evaluates on held-out pairs: the LM loss (before and after) and captions beside their references
+    assert out["n"] == 8 and out["loss"] > 0 and out["before"]["loss"] > 0 and len(out["captions"]) == 3
+    assert all(c["reference"] and isinstance(c["generated"], str) for c in out["captions"]), out["captions"]
+    printed = "\n".join(lines)
+    assert "held-out LM loss (N=8" in printed and f"(reference: {out['captions'][0]['reference']!r})" in printed
     record, printed = _eval(["caption", f"--model={tmp_path / 's2'}", f"--data={demo_cache['eval']}", "--limit=4",
                              "--workers=0", "--device=cpu", "--num_beams=1", "--max_new_tokens=4",
                              f"--out={tmp_path / 'c.json'}"], capsys)

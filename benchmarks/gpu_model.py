@@ -7,6 +7,7 @@ tensors standing in for CUDA ones and cost every kernel (benchmarks/cost_model/)
     python benchmarks/gpu_model.py suite --out=benchmarks/results/predicted-h200.json    # the README's rows
     python benchmarks/gpu_model.py readme benchmarks/results/predicted-h200.json --readme README.md
     python benchmarks/gpu_model.py annotate out/gpu_results.json     # prediction beside each GPU measurement
+                                                                     # (--max_seconds=S: stop tracing after S)
     python benchmarks/gpu_model.py refit benchmarks/results/gpu-XXXX.json    # constants from a GPU results file
 
 Options of a prediction: --stage 1|2, --preset vit_g|vit_l|tiny, --batch, --text_len, --impl blip2fast|lavis|
@@ -104,8 +105,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden_dropout", type=float, default=None)
 
 
-def _add_gpu_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu", default="h200", help=f"{', '.join(hardware.GPUS)}")
+def _add_gpu_args(p: argparse.ArgumentParser, default: str = "h200") -> None:
+    p.add_argument("--gpu", default=default, help=f"{', '.join(hardware.GPUS)}"
+                   + (" or auto (the GPU the results file names)" if default == "auto" else ""))
     p.add_argument("--constants", default=None, help="a fitted-constants file from `refit` (default: hardware.py)")
 
 
@@ -199,15 +201,23 @@ def main(argv=None) -> int:
         from cost_model import calibrate
 
         p.add_argument("results", help="a GPU results file (benchmarks/gpu/check.py's gpu_results.json)")
-        _add_gpu_args(p)
+        _add_gpu_args(p, default="auto")
         if command == "annotate":
             p.add_argument("--out", default=None, help="default: rewrite RESULTS in place")
+            p.add_argument("--max_seconds", type=float, default=None,
+                           help="stop tracing after this long (rows not reached say so)")
             args = p.parse_args(argv)
-            n = calibrate.annotate(args.results, _gpu(args), out=args.out)
+            if args.gpu == "auto":
+                with open(args.results) as f:
+                    args.gpu = calibrate.measured_gpu(json.load(f))
+            n = calibrate.annotate(args.results, _gpu(args), out=args.out, max_seconds=args.max_seconds)
             print(f"annotated {n} measurements with the cost model's prediction: {args.out or args.results}")
             return 0
         p.add_argument("--out", default=hardware.FIT_FILE)
         args = p.parse_args(argv)
+        if args.gpu == "auto":
+            with open(args.results) as f:
+                args.gpu = calibrate.measured_gpu(json.load(f))
         fit = calibrate.refit(args.results, _gpu(args))
         _write(args.out, fit)
         print(calibrate.render_fit(fit))

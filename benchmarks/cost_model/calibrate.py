@@ -85,16 +85,41 @@ def _prediction(pred: dict, what: str, measured_ms: Optional[float]) -> dict:
     return out
 
 
-def annotate(path: str, gpu: Gpu, out: Optional[str] = None, predict=None) -> int:
+def measured_gpu(doc: dict) -> str:
+    """"h100" / "h200" from the GPU name a results file records (env stage, rows' device), else "h200"."""
+    names = [str(((doc.get("stages") or {}).get("env") or {}).get("data", {}).get("gpu", {}).get("name", "")),
+             str(doc.get("device", ""))]
+    e2e, ops = _rows(doc)
+    names += [str(r.get("device", "")) for r in e2e + ops]
+    text = " ".join(names).upper()
+    return "h100" if "H100" in text else "h200"
+
+
+def annotate(path: str, gpu: Gpu, out: Optional[str] = None, predict=None,
+             max_seconds: Optional[float] = None) -> int:
     """Write predictions beside the measurements of `path` (into `out`, default in place). Returns how many rows
-    got a prediction. `predict(spec, gpu)` defaults to gpu_model.predict."""
+    got a prediction. `predict(spec, gpu)` defaults to gpu_model.predict. Per-op rows first (a fraction of a second
+    each), then the end-to-end rows (~5-20 s each); with `max_seconds`, rows not reached in time say so."""
+    import time
+
     if predict is None:
         from gpu_model import predict
+    t0 = time.perf_counter()
     with open(path) as f:
         doc = json.load(f)
     e2e, ops = _rows(doc)
-    cache: dict = {}
+    late = {"ms": None, "why": f"not traced within --max_seconds={max_seconds}: run `python benchmarks/gpu_model.py "
+                                f"annotate` on the results file (CPU is enough)"}
+    from . import op_model
+
     n = 0
+    for row in ops:
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            row["predicted"] = dict(late)
+            continue
+        row["predicted"] = op_model.predict_row(row, gpu)
+        n += row["predicted"].get("ms") is not None
+    cache: dict = {}
     for row in e2e:
         spec, what, why = spec_for_row(row)
         if spec is None:
@@ -102,14 +127,12 @@ def annotate(path: str, gpu: Gpu, out: Optional[str] = None, predict=None) -> in
             continue
         key = json.dumps(vars(spec), sort_keys=True)
         if key not in cache:
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                row["predicted"] = dict(late)
+                continue
             cache[key] = predict(spec, gpu)
         row["predicted"] = _prediction(cache[key], what, row.get("median_ms"))
         n += 1
-    from . import op_model
-
-    for row in ops:
-        row["predicted"] = op_model.predict_row(row, gpu)
-        n += row["predicted"].get("ms") is not None
     doc["cost_model"] = {"annotated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                          "gpu": gpu.as_dict(), "rows_predicted": n}
     target = out or path

@@ -299,8 +299,15 @@ def test_annotate_and_refit_recover_the_constants(tmp_path):
         {"group": "something new", "impl": "torch", "median_ms": 1.0},
     ]
     path = tmp_path / "gpu_results.json"
-    path.write_text(json.dumps({"stages": {"e2e_stage1": {"data": {"e2e_rows": rows, "op_rows": []}},
-                                           "ops": {"data": {"op_rows": op_rows}}}}))
+    doc = {"stages": {"e2e_stage1": {"data": {"e2e_rows": rows, "op_rows": []}}, "ops": {"data": {"op_rows": op_rows}},
+                      "env": {"data": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}}}}
+    path.write_text(json.dumps(doc))
+    assert calibrate.measured_gpu(doc) == "h100"
+    # out of time: nothing traced, every row says why and how to finish on the CPU
+    late = tmp_path / "late.json"
+    assert calibrate.annotate(str(path), GPU, out=str(late), max_seconds=0.0) == 0
+    late_rows = json.loads(late.read_text())["stages"]["e2e_stage1"]["data"]["e2e_rows"]
+    assert all("max_seconds" in r["predicted"]["why"] for r in late_rows[:2])
 
     n = calibrate.annotate(str(path), GPU)
     doc = json.loads(path.read_text())

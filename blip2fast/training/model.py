@@ -307,6 +307,11 @@ def check_weight_paths(cfg: TrainConfig, mcfg: Blip2Config) -> None:
     if cfg.stage == 2 and not w.stage1:
         raise ConfigError("stage 2 starts from a stage-1 model: --weights.stage1=<blip2fast run or checkpoint "
                           "folder, LAVIS .pth or transformers BLIP-2 folder>")
+    if mcfg.vision.kind == "hf":
+        folder = w.vision if w.vision and w.vision != RANDOM else mcfg.vision.hf_path
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"--weights.vision={folder!r}: no such folder (a transformers vision model folder "
+                                    "on this machine; nothing is downloaded)")
     if mcfg.vision.kind != "hf" and not w.vision and not (cfg.stage == 2 and w.stage1):
         raise ConfigError(f"preset {cfg.preset!r}: no weights for the frozen {mcfg.vision.kind} tower; give "
                           "--weights.vision=<state dict file> (or --weights.vision=random to train on a random "
@@ -345,7 +350,13 @@ def _assemble(cfg: TrainConfig, mcfg: Blip2Config, bert_init: bool) -> tuple[Bli
     torch.manual_seed(cfg.seed)  # the random parts (and a random tower) are a function of the seed
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
-        model = Blip2(mcfg)
+        try:
+            model = Blip2(mcfg)
+        except (ValueError, FileNotFoundError) as e:
+            if "HF vision tower" not in str(e) and "hf_feature_layer" not in str(e):
+                raise
+            # the folder is not a usable vision tower: the flag that named it and the loader's reason, one line
+            raise ConfigError(f"--weights.vision={mcfg.vision.hf_path!r}: {' '.join(str(e).split())}") from None
     tower_from_file = mcfg.vision.kind == "hf"
     if tower_from_file:
         notes.append(f"vision tower: transformers folder {mcfg.vision.hf_path}")

@@ -180,3 +180,18 @@ def test_eval_errors_are_one_line(hf_run, demo_cache, tmp_path, capsys):
             main(["retrieval", f"--data={demo_cache['eval']}", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0], err
+
+
+def test_bad_transformers_tower_folders_are_one_line_train_errors(tmp_path, capsys):
+    from blip2fast.train import main
+
+    not_vision = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                   intermediate_size=64, vocab_size=64)).save_pretrained(not_vision)
+    capsys.readouterr()  # transformers' own progress output while saving
+    for folder, says in ((not_vision, "not a vision model"), (tmp_path / "missing", "no such folder")):
+        with pytest.raises(SystemExit):
+            main([f"--model.vision.hf_path={folder}", "--model.vision.kind=hf", f"--checkpoint.dir={tmp_path / 'r'}",
+                  "--device=cpu", "--steps=1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and str(folder) in err[0], err

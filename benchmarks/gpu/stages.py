@@ -31,7 +31,7 @@ STAGES = (
     Stage("env", 10, 4, "versions, GPU name and memory, the commit measured (git, else benchmarks/gpu/commit.txt)"),
     Stage("build", 95, 70, "blip2fast._C compiles with nvcc against the machine's torch and loads with CUDA kernels; "
                             "on failure the later stages run without it (Triton and torch paths)"),
-    Stage("cuda_tests", 100, 70, "every `cuda`-marked test, kernels first: bf16 correctness of each Triton and CUDA "
+    Stage("cuda_tests", 95, 70, "every `cuda`-marked test, kernels first: bf16 correctness of each Triton and CUDA "
                                 "kernel at the paper's shapes, no host sync, CUDA-graph replay = eager, FP8 tower"),
     Stage("bench", 100, 75, "per-op timings of every backend at the paper's shapes (Q-Former attention with the "
                            "paper's attention dropout 0.1 first, then ITC loss, ITM sampling, LayerNorm, linear+CE): "
@@ -41,7 +41,7 @@ STAGES = (
     Stage("e2e_stage1", 30, 20, "stage-1 step at paper size: blip2fast vs the LAVIS formulation (equal losses first)"),
     Stage("e2e_stage2", 35, 25, "stage-2 step with OPT-2.7B: blip2fast vs the LAVIS formulation (no transformers "
                                 "export: that would move ~7.6 GB through the CPU)"),
-    Stage("e2e_qformer_hf", 25, 22, "Q-Former forward, ITC and ITM scoring at paper size vs the LAVIS formulation "
+    Stage("e2e_qformer_hf", 30, 20, "Q-Former forward, ITC and ITM scoring at paper size vs the LAVIS formulation "
                                     "(transformers' peer needs an export through the CPU: CPU sizes only)"),
     Stage("predict", 15, 8, "benchmarks/gpu_model.py annotate: the cost model's prediction beside every measurement",
           fatal=False),

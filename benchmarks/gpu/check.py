@@ -610,7 +610,8 @@ def main() -> int:
     f.add_argument("--log", default="")
     f.add_argument("--skip-reason", default="")
     args = p.parse_args()
-    return {"init": cmd_init, "plan": cmd_plan, "budget": cmd_budget, "limit": cmd_limit, "env": cmd_env, "write-commit": cmd_write_commit,
+    return {"init": cmd_init, "plan": cmd_plan, "budget": cmd_budget, "limit": cmd_limit, "env": cmd_env,
+            "write-commit": cmd_write_commit,
             "verify-build": cmd_verify_build, "fail-build": cmd_fail_build, "cuda-tests": cmd_cuda_tests,
             "bench": cmd_bench, "e2e": cmd_e2e, "not-selected": cmd_not_selected, "finish": cmd_finish,
             "summary": cmd_summary}[args.cmd](args)

@@ -221,7 +221,8 @@ def test_refresh_updates_measured_order_and_both_readme_tables_in_one_command(tm
     assert orders["ops"]["itm_sample_negatives"]["order"] == ["cpp", "triton", "torch"]
     text = readme.read_bytes().decode()
     assert text.startswith("# title\n\nintro — é\n<!-- gpu-stages:start -->\n")
-    assert "\nmiddle text\n<!-- perf-table:start -->\n" in text and text.endswith("<!-- perf-table:end -->\nend, no newline")
+    assert "\nmiddle text\n<!-- perf-table:start -->\n" in text
+    assert text.endswith("<!-- perf-table:end -->\nend, no newline")
     assert "old stage table" not in text and "old perf" not in text
     assert "report.py results/gpu-2026-12-08.json --readme" in text and "commit `ffffffffff`" in text
     assert "| train_step_modes | cuda_graphs | 128 | 480 |" in text and "| itm_cross fwd_bwd p=0.1 | sdpa |" in text

@@ -28,12 +28,12 @@ class Stage:
 
 
 STAGES = (
-    Stage("env", 10, 4, "versions, GPU name and memory, the commit measured (git, else benchmarks/gpu/commit.txt)"),
+    Stage("env", 15, 6, "versions, GPU name and memory, the commit measured (git, else benchmarks/gpu/commit.txt)"),
     Stage("build", 95, 70, "blip2fast._C compiles with nvcc against the machine's torch and loads with CUDA kernels; "
                             "on failure the later stages run without it (Triton and torch paths)"),
     Stage("cuda_tests", 95, 70, "every `cuda`-marked test, kernels first: bf16 correctness of each Triton and CUDA "
                                 "kernel at the paper's shapes, no host sync, CUDA-graph replay = eager, FP8 tower"),
-    Stage("bench", 100, 75, "per-op timings of every backend at the paper's shapes (Q-Former attention with the "
+    Stage("bench", 95, 75, "per-op timings of every backend at the paper's shapes (Q-Former attention with the "
                            "paper's attention dropout 0.1 first, then ITC loss, ITM sampling, LayerNorm, linear+CE): "
                            "the rows that set blip2fast/ops/measured_backends.json"),
     Stage("train_modes", 50, 35, "the whole stage-1 training step (ViT-g + BERT-base Q-Former, batch 128) eager, "

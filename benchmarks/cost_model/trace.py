@@ -14,6 +14,7 @@ all run. Where the code would behave differently on CUDA, a stand-in tells it "C
                 flash kernel CUDA picks with no mask in half precision, else the memory-efficient one.
   backends      blip2fast's ops choose Triton / C++ backends by device type: `dispatch.triton_reasons` and the C++
                 ops' checks see meta as CUDA (dtype and availability rules kept).
+  dropout       F.dropout becomes aten::native_dropout, the fused kernel CUDA runs (meta would take the CPU route).
   host reads    `.item()` / bool() / int() (aten._local_scalar_dense) and `.tolist()` return zeros and are recorded
                 as host syncs; a "cuda" device argument becomes "meta".
 """
@@ -289,6 +290,19 @@ def _zeros_like_list(t: torch.Tensor):
     return [_zeros_like_list(t[0]) for _ in range(t.shape[0])] if t.shape[0] else []
 
 
+def _dropout_runs(args, kwargs) -> bool:
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    return bool(training) and 0.0 < p < 1.0
+
+
+def _cuda_dropout(input, p=0.5, training=True, inplace=False):
+    """On CUDA F.dropout is one fused kernel (aten::native_dropout: output and mask in one pass; its backward one
+    more); on meta tensors torch would take the CPU route (bernoulli_, div_, mul: three kernels)."""
+    out = torch.ops.aten.native_dropout(input, p, True)[0]
+    return input.copy_(out) if inplace else out
+
+
 class FunctionStandIns(TorchFunctionMode):
     """Python-level stand-ins: autocast casts, SDPA, .tolist(), "cuda" -> "meta", region labels."""
 
@@ -318,6 +332,8 @@ class FunctionStandIns(TorchFunctionMode):
                     k: _cast(v, torch.float32, (torch.float16, torch.bfloat16)) for k, v in kwargs.items()}
         if func is F.scaled_dot_product_attention:
             out = sdpa_stand_in(*args, **kwargs)
+        elif func is F.dropout and _dropout_runs(args, kwargs):
+            out = _cuda_dropout(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
         self.rec.regions.label(out)

@@ -556,6 +556,10 @@ def cmd_plan(args) -> int:
     """The stage order with each limit and their running sum against the budget (the GPU's, also in a dry run).
     --check: fail when the limits do not fit the default budget (every stage must run when none finishes early)."""
     budget = _budget(args)
+    unknown = sorted((_selected() or set()) - set(STAGES))
+    if unknown:
+        print(f"--stages: no stage named {', '.join(unknown)}; the stages are {','.join(STAGES)}", file=sys.stderr)
+        return 2
     rows = stage_table.plan(budget, _selected())
     total = sum(s.limit_s for s in stage_table.STAGES)
     print(f"GPU plan: {len(rows)} stages, most valuable first; budget {budget:g} s (default "

@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ -n "$BUDGET_ARG" ] && ! [[ "$BUDGET_ARG" =~ ^[0-9]+$ && "$BUDGET_ARG" -gt 0 ]]; then
-  echo "--budget-s $BUDGET_ARG: give a whole number of seconds above 0 (the default, 460, is the stage limits. sum)" >&2
+  echo "--budget-s $BUDGET_ARG: give a whole number of seconds above 0 (default: the sum of the stage limits)" >&2
   exit 2
 fi
 export BLIP2FAST_STAGES="$SELECT"

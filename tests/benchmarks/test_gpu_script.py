@@ -67,6 +67,8 @@ def test_plan_command_prints_the_order_with_limits_adding_up(tmp_path):
     assert "skipped first when time is short" in p.stdout
     bad = run_sh("--budget-s", "soon", out=str(tmp_path))
     assert bad.returncode == 2 and "--budget-s soon" in bad.stderr
+    typo = run_sh("--plan", "--stages=env,benhc", out=str(tmp_path))
+    assert typo.returncode == 2 and "no stage named benhc" in typo.stderr
 
 
 def test_a_stage_that_cannot_fit_is_skipped_up_front(tmp_path):

@@ -71,7 +71,7 @@ else
 fi
 export BLIP2FAST_EXPECT_EXT=1  # until the build fails: then the C++ tests skip instead
 
-"$PY" benchmarks/gpu/check.py plan --check "${PLAN_ARGS[@]}" || exit 1
+"$PY" benchmarks/gpu/check.py plan --check "${PLAN_ARGS[@]}" || exit $?
 "$PY" benchmarks/gpu/check.py init "${PLAN_ARGS[@]}" || { echo "cannot write $OUT/gpu_results.json" >&2; exit 1; }
 BUDGET_S="$("$PY" benchmarks/gpu/check.py budget "${PLAN_ARGS[@]}")"  # 4x in a dry run (stages.DRY_RUN_FACTOR)
 T_START=$SECONDS

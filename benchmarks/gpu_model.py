@@ -207,6 +207,10 @@ def main(argv=None) -> int:
             p.add_argument("--max_seconds", type=float, default=None,
                            help="stop tracing after this long (rows not reached say so)")
             args = p.parse_args(argv)
+            if args.max_seconds is None and os.environ.get("BLIP2FAST_STAGE_LIMIT_S"):
+                # run as a stage of benchmarks/gpu/run.sh: finish (and write) inside the stage's limit, leaving
+                # time for this process's imports and the write
+                args.max_seconds = max(0.0, float(os.environ["BLIP2FAST_STAGE_LIMIT_S"]) - 8.0)
             if args.gpu == "auto":
                 with open(args.results) as f:
                     args.gpu = calibrate.measured_gpu(json.load(f))

@@ -85,6 +85,11 @@ def _prediction(pred: dict, what: str, measured_ms: Optional[float]) -> dict:
     return out
 
 
+# what one trace takes on a 2-core CPU (a paper-size step ~5-20 s, an op well under a second): a trace is started
+# only when it fits in what is left of --max_seconds
+STEP_TRACE_S, OP_TRACE_S = 12.0, 0.5
+
+
 def measured_gpu(doc: dict) -> str:
     """"h100" / "h200" from the GPU name a results file records (env stage, rows' device), else "h200"."""
     names = [str(((doc.get("stages") or {}).get("env") or {}).get("data", {}).get("gpu", {}).get("name", "")),
@@ -112,9 +117,12 @@ def annotate(path: str, gpu: Gpu, out: Optional[str] = None, predict=None,
                                 f"annotate` on the results file (CPU is enough)"}
     from . import op_model
 
+    def out_of_time(needs: float) -> bool:  # would a trace needing `needs` seconds overrun the budget?
+        return max_seconds is not None and time.perf_counter() - t0 + needs > max_seconds
+
     n = 0
     for row in ops:
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+        if out_of_time(OP_TRACE_S):
             row["predicted"] = dict(late)
             continue
         row["predicted"] = op_model.predict_row(row, gpu)
@@ -127,7 +135,7 @@ def annotate(path: str, gpu: Gpu, out: Optional[str] = None, predict=None,
             continue
         key = json.dumps(vars(spec), sort_keys=True)
         if key not in cache:
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            if out_of_time(STEP_TRACE_S):
                 row["predicted"] = dict(late)
                 continue
             cache[key] = predict(spec, gpu)

@@ -116,13 +116,16 @@ def test_demo_tokenizer_and_unknown_words(tmp_path, demo_cache):
 def test_empty_shard_among_good_ones_is_skipped_and_counted(tmp_path, demo_cache, bad_inputs):
     good = _write_shard(tmp_path / "good.tar", _demo_samples(demo_cache, 40))
     cfg = tiny_config(tmp_path / "run", steps=12, every=12, batch=8, workers=0)
-    cfg = cfg.replace(data=dataclasses.replace(cfg.data, urls=f"{good}::{bad_inputs['empty']}::{bad_inputs['text']}"),
+    # epoch mode: the start-up check probes every shard of the epoch (resampled, it probes the first draws only)
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, urls=f"{good}::{bad_inputs['empty']}::{bad_inputs['text']}",
+                                               resampled=False),
                       eval=dataclasses.replace(cfg.eval, urls=""))
     notes = []
     out = Trainer(cfg, print_fn=notes.append).fit()
     assert out["step"] == 12
     assert out["shard_errors"]["empty"] > 0 and out["shard_errors"]["unreadable"] > 0
-    assert any("2 shard(s) checked at start are unusable" in n and "empty.tar' is an empty tar" in n for n in notes)
+    assert any("2 shard(s) checked at start are unusable" in n and "empty.tar' is an empty tar" in n
+               and "text.tar' is not a tar archive" in n for n in notes), notes
 
 
 def test_shard_going_bad_mid_run_ends_the_run_promptly(tmp_path, demo_cache):

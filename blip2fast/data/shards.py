@@ -815,9 +815,10 @@ class ShardLoader:
         """A one-line DataError for a loader worker that died, naming the shards its stream had open (from the
         last state each stream sent)."""
         open_shards = []
-        for st in self.streams:
-            if st is None:
-                continue
+        slots = self.cfg.mix_shards if self.cfg.shuffle else 1
+        for stream, st in enumerate(self.streams):
+            if st is None:  # no batch from it yet: the shards it opens first
+                st = {"stream": stream, "slots": [[v, 0] for v in range(slots)]}
             for visit, _ in st["slots"]:
                 if visit >= 0:
                     if self.cfg.resampled:

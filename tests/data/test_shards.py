@@ -3,6 +3,8 @@ exact skip counts on a corrupt set, the resumable data position, stage-1/2 batch
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 import torch
@@ -305,3 +307,38 @@ def test_one_shard_mixed_four_ways_never_repeats_an_image_in_a_batch(clean_shard
     with pytest.warns(UserWarning, match="hold only 24 sample.*fewer than a batch of 32.*repeats images"):
         small = loader(one, batch_size=32, mix_shards=4)
     assert small.allow_repeats and take(small, 2)[1]["pixel_values"].shape[0] == 32
+
+
+class _FailingText:
+    """A text encoder that fails on whole batches only (no single caption reproduces it), or kills the worker
+    process it runs in: the two ways a loader worker can fail that are not bad samples."""
+
+    def __init__(self, how: str):
+        self.how, self.inner = how, word_text()
+
+    def __call__(self, captions, batch_id=0):
+        if len(captions) > 1 and self.how == "raise":
+            raise RuntimeError("tokenizer state corrupted\nsecond line of the message")
+        if len(captions) > 1 and self.how == "die":
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(captions, batch_id)
+
+
+@pytest.mark.parametrize("how,says", [
+    ("raise", r"^rank 0, stream \d \(loader worker \d\), reading '.*\.tar': the text encoder fails on a batch of 4 "
+              r"captions .* RuntimeError: tokenizer state corrupted second line of the message$"),
+    ("die", r"^rank 0: a data loader worker failed \(open shards: '.*\.tar'.*\): DataLoader worker \(pid.*(killed|exited)"),
+])
+def test_worker_failure_is_one_line_and_stops_every_worker(clean_shards, how, says):
+    import multiprocessing
+
+    L = loader(clean_shards["pattern"], text=_FailingText(how), num_workers=2)
+    t0 = time.monotonic()
+    with pytest.raises(DataError) as e:
+        take(L, 3)
+    assert re.match(says, str(e.value)) and "\n" not in str(e.value), str(e.value)
+    assert time.monotonic() - t0 < 30
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]  # nothing left to wait for at exit

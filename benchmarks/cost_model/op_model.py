@@ -4,9 +4,7 @@ meta tensors of the row's sizes (`dims` / `rows` / `cols` in its extra_info), th
 {"ms": null, "why": ...}."""
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

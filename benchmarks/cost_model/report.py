@@ -97,6 +97,7 @@ def render(pred: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ README table
+IMPL_NAMES = {"blip2fast": "blip2fast", "lavis": "LAVIS formulation", "transformers": "transformers"}
 README_START, README_END = "<!-- predicted-gpu:start -->", "<!-- predicted-gpu:end -->"
 
 
@@ -118,16 +119,20 @@ def readme_table(preds: list, source: str) -> str:
             sp, s = p["spec"], p["summary"]
             setting = (f"{sp['backend']}, {sp['mode']}" + (", fp8" if sp.get("fp8") else "")
                        if sp["impl"] == "blip2fast" else "its own")
-            impl = {"blip2fast": "blip2fast", "lavis": "LAVIS formulation", "transformers": "transformers"}[sp["impl"]]
+            impl = IMPL_NAMES[sp["impl"]]
             lines.append(f"| {impl} | {setting} | {p['attention_dropout']} | {s['step_ms']:.1f} | "
                          f"{s['samples_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {s['launches']:,} | "
                          f"{_fmt_bytes(s['hbm_bytes'])} | {s['host_syncs']} |")
     consts = gpu["constants"]
-    lines += ["", "Constants of this prediction (`benchmarks/cost_model/hardware.py`; measured ones from the GPU machine, "
-                  "the rest assumptions with their reasons there): "
-              + "; ".join(f"{k} = {c['value']:.4g} {c['unit']} ({'measured' if c['source'].startswith('measured') else 'assumed'})"
-                          for k, c in consts.items()) + ".", README_END]
+    lines += ["", "Constants of this prediction (`benchmarks/cost_model/hardware.py`; measured ones from the GPU "
+                  "machine, the rest assumptions with their reasons there): "
+              + "; ".join(f"{k} = {c['value']:.4g} {c['unit']} ({_origin(c)})" for k, c in consts.items()) + ".",
+              README_END]
     return "\n".join(lines)
+
+
+def _origin(constant: dict) -> str:
+    return "measured" if constant["source"].startswith("measured") else "assumed"
 
 
 def write_readme(readme: str, block: str) -> None:

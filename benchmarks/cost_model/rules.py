@@ -38,8 +38,9 @@ NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::ne
 # reductions and normalisations: bandwidth at hardware's reduction_bw_vs_copy
 REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "any", "all", "prod", "_softmax",
               "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data", "native_layer_norm",
-              "native_layer_norm_backward", "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "logsumexp",
-              "linalg_vector_norm", "norm", "cumsum", "topk", "sort", "var_mean", "std_mean", "embedding_dense_backward",
+              "native_layer_norm_backward", "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward",
+              "logsumexp", "linalg_vector_norm", "norm", "cumsum", "topk", "sort", "var_mean", "std_mean",
+              "embedding_dense_backward",
               "index_add", "scatter_add", "_foreach_norm", "native_group_norm", "native_group_norm_backward",
               "native_batch_norm"}
 # torch's multi_tensor_apply limits (ATen/native/cuda/MultiTensorApply.cuh): tensors per launch by list depth,

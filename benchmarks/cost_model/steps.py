@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
-from blip2fast.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig, blip2_stage1_vit_g, blip2_stage1_vit_l
+from blip2fast.config import (Blip2Config, LLMConfig, QFormerConfig, VisionConfig, blip2_stage1_vit_g,
+                              blip2_stage1_vit_l)
 
 from .trace import OUTSIDE, Regions
 
@@ -378,7 +378,7 @@ def _transformers_step(spec, cfg, model, batch, regions, patches):
     opt = _optimizer(theirs, "eager")
     from .trace import Autocast
 
-    Q, T = cfg.qformer.num_query_tokens, spec.text_len
+    Q = cfg.qformer.num_query_tokens
 
     def body():
         with Autocast("cuda", dtype=torch.bfloat16):

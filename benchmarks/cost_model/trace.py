@@ -430,8 +430,6 @@ def stand_in_patches() -> list:
 @contextlib.contextmanager
 def cuda_stand_ins(regions: Regions):
     """The recorder and every stand-in, for the duration of a trace. Yields the Recorder."""
-    import blip2fast.ops.itc_loss  # noqa: F401  (registers the ops before any patch)
-
     patches = stand_in_patches()
     rec = Recorder(regions)
     try:

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -200,7 +199,7 @@ def _op_cases():
         out = qformer_attention(q, k, v, key_padding=pad, kv_index=kv_index, dropout=drop)
         return torch.autograd.grad(out.float().sum(), (q, k, v))
 
-    Bi, Ba, Q, E = 6, 6, 5, 24
+    Bi, Q, E = 6, 5, 24
     feats, text = _meta(Bi, Q, E, grad=True), _meta(Bi, E, grad=True)
     temp = torch.empty((), device="meta", requires_grad=True)
     targets = torch.empty(Bi, dtype=torch.long, device="meta")

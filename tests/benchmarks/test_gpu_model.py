@@ -264,23 +264,16 @@ def test_attention_formula_bytes_are_its_interface():
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def _fake_predict(launch_s: float):
-    """gpu_model.predict with the launch cost replaced (what a GPU 'measured')."""
-    import gpu_model
-
-    def predict(spec, gpu):
-        return gpu_model.predict(spec, gpu.with_values({"launch_eager_s": launch_s}, "synthetic"))
-    return predict
-
-
 def test_annotate_and_refit_recover_the_constants(tmp_path):
     import gpu_model
 
-    true_launch = 9.0e-6
+    # a synthetic GPU: what it "measures" is the model with other constants than hardware.py's
+    true = {"launch_eager_s": 9.0e-6, "host_sync_s": 31.0e-6, "matmul_bf16_flops": 700.0e12}
+    synthetic = GPU.with_values(true, "synthetic")
     rows = []
     for impl in ("blip2fast", "lavis"):
         spec = StepSpec(stage=1, preset="tiny", batch=6, text_len=12, impl=impl, backend="auto")
-        pred = _fake_predict(true_launch)(spec, GPU)
+        pred = gpu_model.predict(spec, synthetic)
         phases = pred["summary"]["by_phase"]
         ms = sum(v["time_ms"] for k, v in phases.items() if k != "optimizer")  # the benchmark's fwd + bwd
         rows.append({"bench": "stage1_step", "impl": impl, "size": "CPU/tiny", "batch": 6,
@@ -322,13 +315,14 @@ def test_annotate_and_refit_recover_the_constants(tmp_path):
         assert p["measured_over_predicted"] > 1  # the synthetic GPU launches slower than the assumed 5 us
 
     fit = calibrate.refit(str(path), GPU)
-    assert fit["values"]["launch_eager_s"] == pytest.approx(true_launch, rel=1e-6)
     assert fit["values"]["matmul_bf16_flops"] == 700.0e12
+    assert fit["values"]["launch_eager_s"] == pytest.approx(true["launch_eager_s"], rel=1e-6)
+    assert fit["values"]["host_sync_s"] == pytest.approx(true["host_sync_s"], rel=1e-6)
     # the fitted file is what --constants reads
     out = tmp_path / "fit.json"
     out.write_text(json.dumps(fit))
     refit_gpu = hardware.load_gpu("h200", str(out))
-    assert refit_gpu["launch_eager_s"] == pytest.approx(true_launch) and refit_gpu.constants[
+    assert refit_gpu["launch_eager_s"] == pytest.approx(true["launch_eager_s"]) and refit_gpu.constants[
         "launch_eager_s"].measured
     assert gpu_model.main(["refit", str(path), "--out", str(tmp_path / "fit2.json")]) == 0
     assert json.loads((tmp_path / "fit2.json").read_text())["values"] == fit["values"]

@@ -677,7 +677,13 @@ class ShardLoader:
         and skipped later; none usable (after probing the others too) is a DataError. In resampled mode, also
         count samples up to a batch: fewer distinct samples than a batch means batches must repeat images."""
         B, first = self.cfg.batch_size, self._first_shards()
-        order = first + [i for i in range(len(self.paths)) if i not in set(first)]
+        if self.cfg.resampled:
+            pool = range(len(self.paths))
+        else:  # this rank's shards of the first epoch (the others belong to other ranks)
+            pool = [i for stream in range(self.num_streams) for i in
+                    _epoch_shards(len(self.paths), self.cfg, self.rank, self.world_size, stream, self.num_streams,
+                                  self.epoch)]
+        order = first + [i for i in pool if i not in set(first)]
         problems: dict[int, str] = {}
         usable, counted = [], 0
         for probed, i in enumerate(order, 1):
@@ -692,7 +698,12 @@ class ShardLoader:
         if not usable:
             show = "; ".join(f"{self.paths[i]!r} {p}" for i, p in list(problems.items())[:3])
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            where = "" if len(self.paths) == 1 else f" among the {len(self.paths)} in {self.cfg.urls!r}"
+            if len(self.paths) == 1:
+                where = ""
+            elif self.cfg.resampled or self.world_size == 1:
+                where = f" among the {len(order)} of {self.cfg.urls!r}"
+            else:
+                where = f" among the {len(order)} that rank {self.rank} reads in epoch 1 of {self.cfg.urls!r}"
             raise DataError(f"no usable shard{where}: {show}{more}")
         if problems:
             show = ", ".join(f"{self.paths[i]!r} {p}" for i, p in list(problems.items())[:3])

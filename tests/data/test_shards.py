@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 import time
 
 import pytest
@@ -342,3 +343,21 @@ def test_worker_failure_is_one_line_and_stops_every_worker(clean_shards, how, sa
     assert re.match(says, str(e.value)) and "\n" not in str(e.value), str(e.value)
     assert time.monotonic() - t0 < 30
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]  # nothing left to wait for at exit
+
+
+def test_epoch_mode_checks_each_ranks_own_shards(clean_shards, tmp_path):
+    """Epoch mode splits the shards by rank: a rank whose shards are all unusable fails at start (the other
+    ranks' shards cannot feed it), naming the rank."""
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    urls = f"{expand_shards(clean_shards['pattern'])[0]}::{empty}"
+    outcomes = []
+    for rank in (0, 1):
+        try:
+            loader(urls, rank=rank, world=2, resampled=False)
+            outcomes.append("ok")
+        except DataError as e:
+            outcomes.append(str(e))
+    assert sorted(outcomes)[1] == "ok", outcomes
+    assert re.match(rf"^no usable shard among the 1 that rank \d reads in epoch 1 of '.*': '{empty}' is an empty tar "
+                    r"\(no samples\)$", sorted(outcomes)[0]), outcomes

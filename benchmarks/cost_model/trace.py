@@ -340,6 +340,13 @@ class FunctionStandIns(TorchFunctionMode):
         return out
 
 
+DATA_DEPENDENT = {
+    aten.nonzero.default: lambda x: torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device),
+    aten.masked_select.default: lambda x, mask: torch.empty(
+        (torch.broadcast_shapes(x.shape, mask.shape).numel(),), dtype=x.dtype, device=x.device),
+}
+
+
 class Recorder(TorchDispatchMode):
     """Records every aten / custom op dispatched (below autograd: the backward's ops too) as an Event."""
 
@@ -364,6 +371,14 @@ class Recorder(TorchDispatchMode):
             self.host_sync("aten::_local_scalar_dense (.item())", args[0])
             t = args[0]
             return False if t.dtype == torch.bool else (0.0 if t.is_floating_point() else 0)
+        if func in DATA_DEPENDENT:
+            # the output's size is a device value: one kernel, then the host reads the count before it can
+            # allocate (a sync); the trace goes on with the largest possible output
+            out = DATA_DEPENDENT[func](*args, **kwargs)
+            phase, region = self._where()
+            self.events.append(rules.cost_of(func, args, kwargs, out, phase, region))
+            self.host_sync(f"{rules.op_name(func)} (output size read by the host)", None)
+            return out
         try:
             out = func(*args, **kwargs)
         except NotImplementedError:

@@ -82,6 +82,10 @@ def test_views_and_allocations_launch_nothing_and_syncs_are_counted():
     assert sum(e.launches for e in events) == 2
     assert [e.op for e in kernels(events)] == ["aten::add", "aten::sum"]
     assert sum(e.host_syncs for e in events) == 2
+    # a data-dependent output size: a kernel, then the host reads the count
+    events = trace_fn(lambda: torch.nonzero(x > 0))
+    assert [e.op for e in kernels(events)] == ["aten::gt", "aten::nonzero"]
+    assert sum(e.host_syncs for e in events) == 1
 
 
 # ------------------------------------------------------------------------------------------------ whole steps

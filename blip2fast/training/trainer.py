@@ -28,6 +28,11 @@ rank writes its own data position and RNG state into the checkpoint folder (a sh
 trainable step module is wrapped in DistributedDataParallel (eager), or its gradients are averaged by one
 all-reduce per step (--compile, --cuda_graphs); the frozen towers are replicated or, with --dist.frozen=fsdp,
 FSDP2-sharded (parallel.py).
+
+Failures: bad data that cannot feed the run (no usable shard, a loader worker that failed or died) is a one-line
+DataError (data/shards.py checks the first shards before the run folder exists); after any failure the loader's
+workers are stopped at once and a fresh run folder without a checkpoint is removed (a folder either holds a
+usable state or is not there). Under torchrun one rank's fatal error ends every rank (failure.py).
 """
 from __future__ import annotations
 

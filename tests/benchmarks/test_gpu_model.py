@@ -152,7 +152,7 @@ def test_dropout_and_backends_change_the_kernels_not_the_flops():
     assert {"blip2fast::qformer_attention", "blip2fast::qformer_attention_backward", "blip2fast::itc_loss_triton",
             "blip2fast::linear_cross_entropy", "blip2fast::layer_norm"} <= ops
     launches = [sum(e.launches for e in ev) for ev in (base, triton)]
-    assert launches[1] < launches[0] / 2  # the hashed dropout mask in PyTorch is most of the torch step
+    assert launches[1] < launches[0]  # fused attention, losses and LayerNorms: fewer kernels for the same FLOPs
 
 
 def test_lavis_formulation_syncs_per_sample():

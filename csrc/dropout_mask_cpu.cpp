@@ -12,9 +12,8 @@
 
 namespace blip2fast {
 
-at::Tensor attention_dropout_keep_cpu(const at::Tensor& seed_step, const at::Tensor& row_ids, int64_t stream,
-                                      int64_t site, int64_t heads, int64_t q_len, int64_t k_len, int64_t q_offset,
-                                      int64_t threshold) {
+void check_attention_dropout_keep_inputs(const at::Tensor& seed_step, const at::Tensor& row_ids, int64_t heads,
+                                         int64_t q_len, int64_t k_len, int64_t threshold) {
   TORCH_CHECK_VALUE(seed_step.dim() == 1 && seed_step.size(0) == 2 && seed_step.scalar_type() == at::kLong,
                     "attention_dropout_keep: seed_step must be an int64 tensor [seed, step] of shape (2,), got ",
                     seed_step.scalar_type(), " ", seed_step.sizes());
@@ -27,6 +26,12 @@ at::Tensor attention_dropout_keep_cpu(const at::Tensor& seed_step, const at::Ten
                     "in [0, 2**24] (hashing.dropout_threshold), got ", threshold);
   TORCH_CHECK_VALUE(row_ids.device() == seed_step.device(), "attention_dropout_keep: row_ids on ", row_ids.device(),
                     ", seed_step on ", seed_step.device(), "; put them on one device");
+}
+
+at::Tensor attention_dropout_keep_cpu(const at::Tensor& seed_step, const at::Tensor& row_ids, int64_t stream,
+                                      int64_t site, int64_t heads, int64_t q_len, int64_t k_len, int64_t q_offset,
+                                      int64_t threshold) {
+  check_attention_dropout_keep_inputs(seed_step, row_ids, heads, q_len, k_len, threshold);
   const at::Tensor ss = seed_step.contiguous();
   const at::Tensor rows = row_ids.contiguous();
   const int64_t* s = ss.const_data_ptr<int64_t>();

@@ -34,7 +34,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> itc_loss_
     double label_smoothing, const at::Tensor& sim_i2t, const at::Tensor& sim_t2i, const at::Tensor& arg_i2t,
     const at::Tensor& arg_t2i, const at::Tensor& lse, c10::List<bool> output_mask);
 
-// The hashed attention-dropout keep mask (dropout_mask_cpu.cpp), registered in ops.cpp.
+// The hashed attention-dropout keep mask (dropout_mask_cpu.cpp), registered in ops.cpp; its input checks are shared
+// with the CUDA implementation (ops_cuda.cpp).
+void check_attention_dropout_keep_inputs(const at::Tensor& seed_step, const at::Tensor& row_ids, int64_t heads,
+                                         int64_t q_len, int64_t k_len, int64_t threshold);
 at::Tensor attention_dropout_keep_cpu(const at::Tensor& seed_step, const at::Tensor& row_ids, int64_t stream,
                                       int64_t site, int64_t heads, int64_t q_len, int64_t k_len, int64_t q_offset,
                                       int64_t threshold);

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "dropout_mask.h"
 #include "itc_loss_cuda.h"
 #include "itm_sampling.h"
 #include "ops.h"
@@ -117,6 +118,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> itc_loss_
   return {d_if, d_tf, d_ia, d_ta, d_temp};
 }
 
+at::Tensor attention_dropout_keep_cuda_impl(const at::Tensor& seed_step, const at::Tensor& row_ids,
+                                            int64_t stream_id, int64_t site, int64_t heads, int64_t q_len,
+                                            int64_t k_len, int64_t q_offset, int64_t threshold) {
+  check_attention_dropout_keep_inputs(seed_step, row_ids, heads, q_len, k_len, threshold);
+  TORCH_CHECK_VALUE(row_ids.is_cuda(), "attention_dropout_keep (CUDA): row_ids must be a CUDA tensor, got ",
+                    row_ids.device());
+  const c10::cuda::CUDAGuard guard(row_ids.device());
+  const at::Tensor ss = seed_step.contiguous();
+  const at::Tensor rows = row_ids.contiguous();
+  at::Tensor keep = at::empty({rows.size(0), heads, q_len, k_len}, row_ids.options().dtype(at::kBool));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(row_ids.device().index()).stream();
+  const cudaError_t err = attention_dropout_keep_cuda(
+      ss.const_data_ptr<int64_t>(), rows.const_data_ptr<int64_t>(), rows.size(0), stream_id, site, heads, q_len,
+      k_len, q_offset, static_cast<uint32_t>(threshold), keep.mutable_data_ptr<bool>(), stream);
+  TORCH_CHECK(err == cudaSuccess, "attention_dropout_keep (CUDA) launch failed for B=", rows.size(0), ", heads=",
+              heads, ", q_len=", q_len, ", k_len=", k_len, ": ", cudaGetErrorString(err));
+  return keep;
+}
+
 }  // namespace
 }  // namespace blip2fast
 
@@ -124,4 +144,5 @@ TORCH_LIBRARY_IMPL(blip2fast, CUDA, m) {
   m.impl("itm_sample_negatives", &blip2fast::itm_sample_negatives_cuda_impl);
   m.impl("itc_loss_fwd", &blip2fast::itc_loss_fwd_cuda_impl);
   m.impl("itc_loss_bwd", &blip2fast::itc_loss_bwd_cuda_impl);
+  m.impl("attention_dropout_keep", &blip2fast::attention_dropout_keep_cuda_impl);
 }

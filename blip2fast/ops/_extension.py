@@ -61,7 +61,7 @@ def _register_costs() -> None:
 
     @kernel_cost.register(_DROPOUT_OP)
     def _attention_dropout_keep_cost(seed_step, row_ids, stream, site, heads, q_len, k_len, q_offset, threshold):
-        # csrc (CPU): one bool per (row, head, query, key), hashed in registers
+        # csrc (CPU, and one CUDA kernel): one bool per (row, head, query, key), hashed in registers
         return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(seed_step, row_ids),
                                       bytes_written=float(row_ids.shape[0] * heads * q_len * k_len))
 

@@ -47,10 +47,15 @@ class AttnDropout:
 def dropout_keep_mask(drop: AttnDropout, heads: int, q_len: int, k_len: int) -> Tensor:
     """(B, heads, q_len, k_len) bool: which attention probabilities survive.
 
-    On CPU tensors the compiled op (csrc/dropout_mask_cpu.cpp: one pass, bit-identical) computes it when
-    blip2fast._C has it; otherwise, and on GPUs (where the Triton kernel hashes in-kernel instead), the
-    PyTorch definition below, which is the spec."""
-    if drop.row_ids.device.type == "cpu" and _compiled_dropout_mask():
+    The compiled op blip2fast::attention_dropout_keep computes it in one pass, bit-identical to the definition:
+    on CPU tensors csrc/dropout_mask_cpu.cpp, on CUDA tensors csrc/dropout_mask.cu (one kernel where PyTorch runs
+    ~190 elementwise int64 kernels per call), on meta tensors its fake (the cost model's stand-in for CUDA).
+    Otherwise (no blip2fast._C, a build without CUDA kernels, or BLIP2FAST_BACKEND=attention_dropout_keep=torch)
+    the PyTorch definition below, which is the spec. A plain BLIP2FAST_BACKEND=torch keeps the compiled mask: it is
+    bit-identical to the definition, so the torch attention's results are the same either way, and the issue asks
+    for one kernel per mask in every backend (the pure-PyTorch GPU step otherwise spends most of its launches and
+    a third of its HBM traffic on masks). The fused Triton attention never calls this: it hashes in-kernel."""
+    if _compiled_dropout_mask() and (drop.row_ids.device.type != "cuda" or _cuda_dropout_mask()):
         return torch.ops.blip2fast.attention_dropout_keep(
             drop.seed_step, drop.row_ids, hashing.STREAM_ATTN_DROPOUT, int(drop.site), heads, q_len, k_len,
             int(drop.q_offset), hashing.dropout_threshold(drop.p))
@@ -59,12 +64,12 @@ def dropout_keep_mask(drop: AttnDropout, heads: int, q_len: int, k_len: int) -> 
 
 @torch.compiler.assume_constant_result
 def _compiled_dropout_mask() -> bool:
-    """Whether blip2fast._C has the CPU dropout-mask op (unset with BLIP2FAST_BACKEND=torch, which asks every op
-    for its reference)."""
+    """Whether blip2fast._C has the dropout-mask op (unset with BLIP2FAST_BACKEND=attention_dropout_keep=torch,
+    which asks for the PyTorch definition; a plain "torch" or "triton" names the attention's backend, not this)."""
     from . import _extension
     from .dispatch import requested_backend
 
-    name, source = requested_backend(None, "attention_dropout_keep", ("torch", "cpp"))
+    name, source = requested_backend(None, "attention_dropout_keep", ("cpp",))
     if name not in (None, "cpp"):
         return False
     status = _extension.load_extension()
@@ -72,6 +77,21 @@ def _compiled_dropout_mask() -> bool:
     if name == "cpp" and not available:  # asked for: never fall back silently
         raise RuntimeError(f"attention_dropout_keep: backend 'cpp' was requested ({source}) but blip2fast._C "
                            f"{'has no attention_dropout_keep (rebuild it)' if status else 'is unavailable: ' + status.reason}")
+    return available
+
+
+@torch.compiler.assume_constant_result
+def _cuda_dropout_mask() -> bool:
+    """Whether blip2fast._C was built with the CUDA kernel of the dropout-mask op (a CUDA build of torch and nvcc
+    when it was installed)."""
+    from .dispatch import requested_backend
+
+    available = torch._C._dispatch_has_kernel_for_dispatch_key("blip2fast::attention_dropout_keep", "CUDA")
+    name, source = requested_backend(None, "attention_dropout_keep", ("cpp",))
+    if name == "cpp" and not available:
+        raise RuntimeError(f"attention_dropout_keep: backend 'cpp' was requested ({source}) for CUDA tensors but "
+                           "blip2fast._C was built without CUDA kernels: reinstall it with FORCE_CUDA=1 "
+                           "`pip install -e . --no-build-isolation` on a machine with nvcc")
     return available
 
 

@@ -1,6 +1,7 @@
 """The compiled CPU attention-dropout keep mask (csrc/dropout_mask_cpu.cpp) is bit-identical to the PyTorch
-definition (ops/attention.py dropout_keep_mask_ref), is what the reference attention uses on CPU tensors, and is
-switched off by BLIP2FAST_BACKEND=torch."""
+definition (ops/attention.py dropout_keep_mask_ref), is what the reference attention uses on CPU, CUDA and meta
+tensors (meta: the cost model's stand-in for CUDA), and is switched off by
+BLIP2FAST_BACKEND=attention_dropout_keep=torch only."""
 from __future__ import annotations
 
 import pytest
@@ -57,10 +58,13 @@ def test_reference_attention_uses_it_and_env_torch_switches_it_off(monkeypatch):
     mask = dropout_keep_mask(drop, 2, 3, 4)
     assert len(calls) == 1 and torch.equal(mask, dropout_keep_mask_ref(drop, 2, 3, 4))
     monkeypatch.undo()
-    monkeypatch.setenv("BLIP2FAST_BACKEND", "torch")
+    monkeypatch.setenv("BLIP2FAST_BACKEND", "attention_dropout_keep=torch")
     assert attention._compiled_dropout_mask() is False
     monkeypatch.setenv("BLIP2FAST_BACKEND", "attention_dropout_keep=cpp")
     assert attention._compiled_dropout_mask() is True
+    for plain in ("torch", "triton"):  # the attention's backend: the mask stays one compiled pass (bit-identical)
+        monkeypatch.setenv("BLIP2FAST_BACKEND", plain)
+        assert attention._compiled_dropout_mask() is True
 
 
 def test_attention_with_dropout_equals_the_definition_and_compiles():
@@ -90,3 +94,52 @@ def test_bad_inputs_name_the_value():
         torch.ops.blip2fast.attention_dropout_keep(torch.tensor([1.0, 2.0]), torch.tensor([0]), 3, 0, 1, 1, 1, 0, 0)
     with pytest.raises(ValueError, match="threshold must be"):
         torch.ops.blip2fast.attention_dropout_keep(torch.tensor([1, 2]), torch.tensor([0]), 3, 0, 1, 1, 1, 0, -1)
+
+
+def test_meta_tensors_take_the_compiled_op_as_cuda_would():
+    """The cost model traces meta tensors standing in for CUDA ones: the mask must be one op there (the CUDA
+    kernel), not the reference's ~190 elementwise kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    drop = AttnDropout(p=0.1, seed_step=torch.empty(2, dtype=torch.int64, device="meta"), site=3,
+                       row_ids=torch.empty(6, dtype=torch.int64, device="meta"), q_offset=32)
+    with Ops() as ops:
+        mask = dropout_keep_mask(drop, 12, 32, 257)
+    assert mask.shape == (6, 12, 32, 257) and mask.dtype == torch.bool and mask.device.type == "meta"
+    assert ops.names == ["blip2fast.attention_dropout_keep"]
+
+
+def test_cuda_request_without_cuda_kernels_names_the_fix(monkeypatch):
+    monkeypatch.setenv("BLIP2FAST_BACKEND", "attention_dropout_keep=cpp")
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels: reinstall it with FORCE_CUDA=1"):
+        attention._cuda_dropout_mask()
+    monkeypatch.delenv("BLIP2FAST_BACKEND")
+    assert attention._cuda_dropout_mask() is False  # automatic: the reference runs instead
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("seed,step,rows,p,heads,q_len,k_len,q_offset", [
+    (12345678901, 7, [3, 0, 9, 2**33 + 5], 0.1, 3, 7, 11, 32),
+    (-5, 2**31 + 3, [1, 2], 0.5, 12, 5, 37, 3),
+    (99, 1, list(range(13)), 0.1, 12, 64, 257, 0),               # a cross-attention call: 257 image keys
+])
+def test_cuda_kernel_is_bit_identical_to_the_definition(seed, step, rows, p, heads, q_len, k_len, q_offset):
+    assert attention._cuda_dropout_mask(), "blip2fast._C was built without its CUDA kernels (FORCE_CUDA=1)"
+    drop = AttnDropout(p=p, seed_step=torch.tensor([seed, step], device="cuda"), site=5,
+                       row_ids=torch.tensor(rows, device="cuda"), q_offset=q_offset)
+    want = dropout_keep_mask_ref(drop, heads, q_len, k_len)
+    got = dropout_keep_mask(drop, heads, q_len, k_len)
+    assert got.device.type == "cuda" and got.dtype == torch.bool and got.shape == want.shape
+    assert torch.equal(got, want)
+    cpu = case(seed, step, rows, p, site=5, q_offset=q_offset)
+    assert torch.equal(got.cpu(), dropout_keep_mask(cpu, heads, q_len, k_len))  # the C++ CPU op agrees too

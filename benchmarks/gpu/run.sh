@@ -73,7 +73,7 @@ export BLIP2FAST_EXPECT_EXT=1  # until the build fails: then the C++ tests skip 
 
 "$PY" benchmarks/gpu/check.py plan --check "${PLAN_ARGS[@]}" || exit $?
 "$PY" benchmarks/gpu/check.py init "${PLAN_ARGS[@]}" || { echo "cannot write $OUT/gpu_results.json" >&2; exit 1; }
-BUDGET_S="$("$PY" benchmarks/gpu/check.py budget "${PLAN_ARGS[@]}")"  # 4x in a dry run (stages.DRY_RUN_FACTOR)
+BUDGET_S="$("$PY" benchmarks/gpu/check.py budget "${PLAN_ARGS[@]}")"  # times stages.DRY_RUN_FACTOR in a dry run
 T_START=$SECONDS
 
 selected() { [ -z "$SELECT" ] || [[ ",$SELECT," == *",$1,"* ]]; }

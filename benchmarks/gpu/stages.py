@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 DEFAULT_BUDGET_S = 460  # the whole script under 8 minutes on the GPU, with ~20 s of bookkeeping between stages
-DRY_RUN_FACTOR = 4  # a CPU dry run (Triton interpreter, 2 cores) gets 4x every limit and 4x the budget
+DRY_RUN_FACTOR = 6  # a CPU dry run (Triton interpreter, 2 shared cores) gets 6x every limit and 6x the budget
 
 
 @dataclass(frozen=True)

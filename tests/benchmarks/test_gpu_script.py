@@ -72,7 +72,7 @@ def test_plan_command_prints_the_order_with_limits_adding_up(tmp_path):
 
 
 def test_a_stage_that_cannot_fit_is_skipped_up_front(tmp_path):
-    """Budget 3 s (12 s in a dry run): env's limit does not fit, so env is never started (no log), recorded as
+    """Budget 3 s (18 s in a dry run): env's limit does not fit, so env is never started (no log), recorded as
     skipped with the reason, and the run is not ok."""
     p = run_sh("--dry-run", "--budget-s", "3", "--stages=env", out=str(tmp_path), timeout=60)
     assert p.returncode == 1

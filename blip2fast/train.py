@@ -23,10 +23,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse the command line, train, return the run's summary (see `Trainer.fit`)."""
     try:
         return run(parse_cli(argv))
-    except (ConfigError, FileNotFoundError, DataError) as e:  # a bad option, a missing path or data that cannot
-        # feed the run: the message (one line) says what and where
-        print(f"python -m blip2fast.train: error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, DataError,
+            FloatingPointError) as e:  # a bad option, a bad path, data that cannot feed the run, a diverged loss:
+        # the message (one line) says what and where
+        print(f"python -m blip2fast.train: error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # the second Ctrl-C (the first saves a checkpoint and stops at the next step)
+        print("python -m blip2fast.train: interrupted; the newest complete checkpoint is intact (--resume=latest)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # `--help | head`: the reader left
+        sys.stderr.close()
+        raise SystemExit(0) from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())  # OSError's own "[Errno 2] ...: 'path'" included
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -45,12 +45,22 @@ def test_main_demo_run_learns_and_reports_retrieval(capsys, tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000012", "step_00000024"]
     assert os.path.isfile(tmp_path / "run" / "hf" / "config.json") and m["export"] == str(tmp_path / "run" / "hf")
     assert os.path.isfile(tmp_path / "run" / "metrics.jsonl") and os.path.isfile(tmp_path / "run" / "config.json")
+    # progress without a terminal: a line right after the first step, then one per window, each <= 100 columns
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert progress[0].startswith("step 1/24 done (16 samples in ") and len(progress) == 5, progress
+    assert [line.split()[1] for line in progress[1:]] == ["6/24", "12/24", "18/24", "24/24"], progress
+    assert all(len(line) <= 100 for line in progress) and "\r" not in out
+    # the curves: TensorBoard event files by default, and a PNG drawn at the end
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run" / "tb"))
+    with open(tmp_path / "run" / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"curves: {tmp_path / 'run' / 'curves.png'}" in out
 
 
 def test_default_command_is_the_demo_preset():
     cfg = parse_cli([])
     assert cfg.preset == "demo" and cfg.data.urls == "" and cfg.data.tokenizer == "demo"
-    assert (cfg.schedule.steps, cfg.data.batch_size, cfg.optim.lr, cfg.data.num_workers) == (1000, 64, 2e-3, 2)
+    assert (cfg.schedule.steps, cfg.data.batch_size, cfg.optim.lr, cfg.data.num_workers) == (600, 64, 2e-3, 2)
     assert cfg.device == "auto" and cfg.model.qformer.vocab_size == 1088 and cfg.eval.size == 256
 
 

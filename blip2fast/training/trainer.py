@@ -92,7 +92,8 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+        raise ConfigError(f"--device={name} but torch sees no CUDA GPU (torch {torch.__version__}): use --device=cpu "
+                          "or --device=auto")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     return dev
@@ -247,7 +248,7 @@ class Trainer:
                 failure.current().on_exit = self.discard_unusable_run
         self.logger = MetricLogger(self.run_dir, self.rank, cfg.schedule.steps, self.loss_names, flops,
                                    None if peak is None else peak * self.world_size, cfg.logging.jsonl,
-                                   cfg.logging.tensorboard, print_fn)
+                                   cfg.logging.tensorboard, print_fn, every=cfg.logging.every)
 
         # state
         self.step = 0
@@ -271,8 +272,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- small helpers
     def log(self, msg: str) -> None:
-        if self.rank == 0:
-            self._print(msg)
+        if self.rank == 0:  # through the logger once it exists: it clears a live progress bar first
+            (self.logger.info if getattr(self, "logger", None) is not None else self._print)(msg)
 
     def _text_len(self) -> int:
         m = self.model_config
@@ -399,7 +400,9 @@ class Trainer:
 
             shutil.copytree(self.tokenizer_dir, os.path.join(path, "qformer_tokenizer"), dirs_exist_ok=True)
         self.logger.event("export", step=self.step, path=path, notes=warns)
-        self.log(f"  transformers export: {path}" + (f" ({len(warns)} notes in metrics.jsonl)" if warns else ""))
+        self.log(f"  transformers export: {path}")
+        for note in warns:
+            self.log(f"    note: {note}")
         return path
 
     # ---------------------------------------------------------------- signals
@@ -552,6 +555,7 @@ class Trainer:
                 micro = [next(batches) for _ in range(accum)]
                 terms = self.train_step(micro)
                 self.step += 1
+                self.logger.tick(self.step, accum * cfg.data.batch_size * self.world_size)  # host-side: no sync
                 window = terms if window is None else window + terms
                 n_window += 1
                 # stop / export requests: acted on at once in one process; with several ranks, at the next log
@@ -612,6 +616,7 @@ class Trainer:
         if self._stop is None:
             after = self.evaluate("after")
             exported = self.export(hf=cfg.checkpoint.export_hf)
+            self.logger.write_curves()
             if cfg.checkpoint.export_hf and exported is not None and exported != getattr(self, "model_dir", None):
                 result["export"] = exported
             if getattr(self, "model_dir", None):

@@ -12,10 +12,10 @@ import tarfile
 
 import pytest
 
-from blip2fast.training.config import CheckpointConfig, EvalConfig, LoggingConfig, ScheduleConfig, tiny
+from blip2fast.training.config import CheckpointConfig, EvalConfig, LoggingConfig, ScheduleConfig, demo_small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEMO_SAMPLES = 2048  # the tiny preset's demo set size
+DEMO_SAMPLES = 2048  # the demo_small preset's demo set size
 # libgomp's default spin-waiting makes 2-thread CPU steps up to 20x slower when other processes share the 2 cores
 # (measured here while other test runs were going); subprocesses wait passively, the test process uses one thread
 SUBPROCESS_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -48,8 +48,8 @@ def demo_cache(tmp_path_factory):
 
 
 def tiny_config(run_dir: str, steps: int = 8, every: int = 4, batch: int = 8, workers: int = 0, **top):
-    """The tiny preset made smaller still: few steps, small batches, no transformers export."""
-    base = tiny()
+    """The demo_small preset made smaller still: few steps, small batches, no transformers export."""
+    base = demo_small()
     return base.replace(
         data=dataclasses.replace(base.data, batch_size=batch, num_workers=workers),
         eval=EvalConfig(size=16),

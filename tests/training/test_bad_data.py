@@ -44,7 +44,7 @@ def _write_shard(path, samples):
 
 
 def _cli_args(run_dir, urls, *extra):
-    return ["--preset=tiny", "--steps=5", f"--data.urls={urls}", f"--checkpoint.dir={run_dir}", "--eval.size=8",
+    return ["--preset=demo_small", "--steps=5", f"--data.urls={urls}", f"--checkpoint.dir={run_dir}", "--eval.size=8",
             "--checkpoint.export_hf=false", "--logging.tensorboard=false", "--device=cpu", *extra]
 
 
@@ -76,12 +76,12 @@ def bad_inputs(tmp_path_factory):
     ("text", ["no usable shard", "text.tar' is not a tar archive"]),
     ("folder", ["are directories, not .tar shards", "give the shard files inside"]),
     ("missing", ["do not exist", "missing.tar"]),
-    ("lr_nan", ["--optim.lr='nan'", "optim.lr=nan: must be a finite number"]),
+    ("lr_nan", ["--optim.lr=nan: must be a finite number"]),
 ])
 def test_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, demo_cache, bad_inputs, case, must_say):
     run_dir = tmp_path / "run"
     if case == "lr_nan":
-        args = ["--preset=tiny", "--steps=5", "--optim.lr=nan", f"--checkpoint.dir={run_dir}"]
+        args = ["--preset=demo_small", "--steps=5", "--optim.lr=nan", f"--checkpoint.dir={run_dir}"]
     else:
         args = _cli_args(run_dir, bad_inputs[case])
     _assert_one_line_error(run_cli(args, timeout=TIMEOUT), *must_say)

@@ -35,8 +35,8 @@ def test_default_is_the_demo_and_flags_override_it():
     assert cfg.optim.betas == (0.8, 0.9) and cfg.model.qformer.hidden_dropout == 0.2
     assert cfg.checkpoint.resume == "latest" and cfg.deterministic is True
     # shorthand for a field name that exists in one section only; the preset applies first wherever it is
-    cfg = parse_cli(["--lr=1e-3", "--steps=5", "--preset=tiny", "--fused=none", "--batch_size=4"])
-    assert cfg.preset == "tiny" and cfg.optim.lr == 1e-3 and cfg.schedule.steps == 5 and cfg.optim.fused is None
+    cfg = parse_cli(["--lr=1e-3", "--steps=5", "--preset=demo_small", "--fused=none", "--batch_size=4"])
+    assert cfg.preset == "demo_small" and cfg.optim.lr == 1e-3 and cfg.schedule.steps == 5 and cfg.optim.fused is None
     assert cfg.data.batch_size == 4
 
 

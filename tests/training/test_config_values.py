@@ -54,7 +54,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("key,value,must_say", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
 def test_bad_numeric_value_is_one_line_naming_the_key(key, value, must_say):
     with pytest.raises(ConfigError) as e:
-        parse_cli(["--preset=tiny", f"--{key}={value}"])
+        parse_cli(["--preset=demo_small", f"--{key}={value}"])
     msg = str(e.value)
     assert "\n" not in msg, msg
     assert key.split(".")[-1] in msg and must_say in msg, msg
@@ -64,25 +64,25 @@ def test_bad_numeric_value_is_one_line_naming_the_key(key, value, must_say):
                                        ("model.qformer.hidden_dropout", "0"), ("optim.betas", "0,0.999"),
                                        ("model.temp_clamp", "none"), ("data.num_workers", "0")])
 def test_edge_values_that_mean_something_are_accepted(key, value):
-    parse_cli(["--preset=tiny", f"--{key}={value}"])
+    parse_cli(["--preset=demo_small", f"--{key}={value}"])
 
 
 def test_every_float_field_rejects_nan():
     """Whatever the key: a NaN in any float field (tuples included) is refused, naming it."""
-    from blip2fast.training.config import _numbers, tiny
+    from blip2fast.training.config import _numbers, demo_small
 
-    floats = [k for k, v in _numbers(tiny()) if isinstance(v, float)]
+    floats = [k for k, v in _numbers(demo_small()) if isinstance(v, float)]
     assert len(floats) >= 15
     for key in floats:
         flag = key.split("[")[0]
         value = "nan"
         if "[" in key:  # one element of a tuple
             i = int(key.split("[")[1].rstrip("]"))
-            parts = [str(x) for x in _tuple_of(tiny(), flag)]
+            parts = [str(x) for x in _tuple_of(demo_small(), flag)]
             parts[i] = "nan"
             value = ",".join(parts)
         with pytest.raises(ConfigError) as e:
-            parse_cli(["--preset=tiny", f"--{flag}={value}"])
+            parse_cli(["--preset=demo_small", f"--{flag}={value}"])
         assert flag.split(".")[-1] in str(e.value) and "\n" not in str(e.value), (key, str(e.value))
 
 

@@ -24,7 +24,7 @@ def _torchrun(args, **kw):
 
 def test_two_ranks_checkpoint_stop_and_resume(tmp_path, demo_cache):
     run_dir = str(tmp_path / "run")
-    args = ["--preset=tiny", f"--checkpoint.dir={run_dir}", "--steps=1000", "--checkpoint.every=3",
+    args = ["--preset=demo_small", f"--checkpoint.dir={run_dir}", "--steps=1000", "--checkpoint.every=3",
             "--checkpoint.export_hf=false", "--logging.every=1", "--logging.tensorboard=false", "--batch_size=4",
             "--num_workers=1", "--eval.size=8", "--device=cpu"]
     log = open(tmp_path / "log.txt", "w")
@@ -65,7 +65,7 @@ def test_two_ranks_with_fsdp_sharded_tower_checkpoint_and_resume(tmp_path, demo_
     from safetensors import safe_open
 
     run_dir = str(tmp_path / "run")
-    args = ["--preset=tiny", f"--checkpoint.dir={run_dir}", "--steps=4", "--checkpoint.every=2",
+    args = ["--preset=demo_small", f"--checkpoint.dir={run_dir}", "--steps=4", "--checkpoint.every=2",
             "--logging.every=2", "--logging.tensorboard=false", "--batch_size=4", "--num_workers=0",
             "--eval.size=8", "--device=cpu", "--dist.frozen=fsdp"]
     proc = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -41,7 +41,7 @@ def _rank_of(pid: int):
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to find the loader worker")
 def test_one_ranks_worker_dies_and_both_ranks_end_within_seconds(tmp_path, demo_cache):
     run_dir = str(tmp_path / "run")
-    args = ["--preset=tiny", f"--checkpoint.dir={run_dir}", "--steps=1000", "--checkpoint.every=500",
+    args = ["--preset=demo_small", f"--checkpoint.dir={run_dir}", "--steps=1000", "--checkpoint.every=500",
             "--checkpoint.export_hf=false", "--logging.every=1", "--logging.tensorboard=false", "--batch_size=4",
             "--num_workers=1", "--eval.size=8", "--device=cpu"]
     log = tmp_path / "log.txt"

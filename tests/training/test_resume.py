@@ -20,7 +20,7 @@ STEPS, EVERY = 24, 6
 
 
 def _args(run_dir, *extra):
-    return ["--preset=tiny", f"--checkpoint.dir={run_dir}", f"--schedule.steps={STEPS}", "--warmup_steps=3",
+    return ["--preset=demo_small", f"--checkpoint.dir={run_dir}", f"--schedule.steps={STEPS}", "--warmup_steps=3",
             f"--checkpoint.every={EVERY}", "--checkpoint.keep=2", "--checkpoint.export_hf=false",
             "--logging.every=1", "--logging.tensorboard=false", "--data.batch_size=8", "--data.num_workers=2",
             "--data.shuffle=true", "--data.mix_shards=2", "--data.shuffle_buffer=64", "--eval.size=16",
@@ -114,13 +114,13 @@ def test_sigkill_anywhere_then_resume_latest_gives_the_same_losses(tmp_path, ref
 
 def test_resume_latest_without_checkpoint_starts_fresh_with_a_message(tmp_path, demo_cache):
     run_dir = str(tmp_path / "new")
-    proc = run_cli(["--preset=tiny", f"--checkpoint.dir={run_dir}", "--resume=latest", "--steps=2",
+    proc = run_cli(["--preset=demo_small", f"--checkpoint.dir={run_dir}", "--resume=latest", "--steps=2",
                     "--checkpoint.export_hf=false", "--eval.size=8", "--batch_size=4", "--num_workers=0"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"--resume=latest: no checkpoint found in {run_dir}; starting a fresh run" in proc.stdout
     assert ckpt.latest_checkpoint(run_dir).endswith("step_00000002")
     # a fresh start in a folder that holds checkpoints is refused: nothing is overwritten
-    proc = run_cli(["--preset=tiny", f"--checkpoint.dir={run_dir}", "--steps=2", "--num_workers=0"])
+    proc = run_cli(["--preset=demo_small", f"--checkpoint.dir={run_dir}", "--steps=2", "--num_workers=0"])
     assert proc.returncode != 0 and "--resume=latest" in proc.stderr and "already holds checkpoints" in proc.stderr
 
 

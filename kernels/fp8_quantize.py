@@ -1,0 +1,98 @@
+"""Row-wise float8 (e4m3fn) quantisation of activations in one pass: the semantics of
+blip2fast/ops/fp8_quantize.py:quantize_rows_ref (read it first); this kernel must give identical bits:
+
+    scale[r] = max(amax_k |x[r, k]| / 448, 1e-12)     (float32)
+    q[r, k]  = e4m3fn(float32(x[r, k]) / scale[r])     (IEEE division, round to nearest even)
+
+One program per row: the whole row (K <= 16384) is loaded once into registers, reduced to its amax, divided and
+written as one byte per element plus the row's float32 scale, where PyTorch reads and writes the row five times.
+
+The e4m3 rounding is done on the float32 bit pattern with integer arithmetic instead of `.to(tl.float8e4nv)`:
+the Triton interpreter (CPU tests) rounds a value that carries into the next binade down by a factor of two
+(e.g. 124.4 -> 64 instead of 128), and the integer form is exact on both. Values this kernel divides are at most
+448 in magnitude (448 * (1 + 2^-23) at worst, which rounds to 448), so saturation never triggers NaN.
+"""
+from __future__ import annotations
+
+import collections
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_K = 16384  # one row in registers; wider rows take the PyTorch reference
+LAUNCHES: collections.Counter = collections.Counter()  # kernel name -> launches in this process
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+E4M3_MAX = 448.0
+TINY = 1e-12
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """float32 -> e4m3fn bit pattern (uint8 in an int32), round to nearest even, |v| <= 464 assumed."""
+    bits = v.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    a = mag.to(tl.float32, bitcast=True)
+    # normal range (|v| >= 2^-6): round the 23-bit mantissa to 3 bits (ties to even) on the bit pattern; a carry
+    # moves into the exponent as it should. Rebias the exponent from 127 to 7: (127 - 7) << 3 = 960.
+    rounded = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20
+    normal = rounded.to(tl.int32) - 960
+    # subnormal range: multiples of 2^-9; adding 2^14 (whose float32 ulp is 2^-9) rounds to one, ties to even
+    sub = ((a + 16384.0) - 16384.0) * 512.0
+    out = tl.where(a < 0.015625, sub.to(tl.int32), normal)
+    out = tl.minimum(out, 0x7E)  # 448: the largest finite e4m3fn
+    return out | sign.to(tl.int32)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    X,  # *fp32/fp16/bf16 (rows, K), row stride stride_x, unit column stride
+    Q,  # *u8 (rows, K) contiguous out: e4m3fn bits
+    S,  # *fp32 (rows,) out: the row scales
+    K, stride_x,
+    BLOCK_K: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    inside = offs < K
+    x = tl.load(X + r * stride_x + offs, mask=inside, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.maximum(amax / 448.0, 1e-12)
+    q = _e4m3_bits(tl.math.div_rn(x, scale))
+    tl.store(Q + r * K + offs, q.to(tl.uint8), mask=inside)
+    tl.store(S + r, scale)
+
+
+def _block_k(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
+def _warps(block_k: int) -> int:
+    return 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
+
+
+def quantize_rows(x: Tensor, q: Tensor, scale: Tensor) -> None:
+    """Fill q (rows, K) float8_e4m3fn and scale (rows, 1) float32 from x (rows, K), unit column stride."""
+    rows, K = x.shape
+    if rows == 0:
+        return
+    LAUNCHES["quantize_rows"] += 1
+    block = _block_k(K)
+    _quantize_rows_kernel[(rows,)](x, q.view(torch.uint8), scale, K, x.stride(0), BLOCK_K=block,
+                                   num_warps=_warps(block))
+
+
+def aot_cases() -> list:
+    """(label, jit_fn, signature, constexprs, attrs, options): the ViT-g widths (1408 in, 6144 in) in bf16."""
+    cases = []
+    for K in (1408, 6144):
+        block = _block_k(K)
+        signature = {"X": "*bf16", "Q": "*u8", "S": "*fp32", "K": "i32", "stride_x": "i32", "BLOCK_K": "constexpr"}
+        cases.append((f"quantize_rows K={K}", _quantize_rows_kernel, signature, dict(BLOCK_K=block), {},
+                      dict(num_warps=_warps(block))))
+    return cases

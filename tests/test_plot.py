@@ -18,8 +18,9 @@ def _write_run(folder, steps=(50, 100, 150, 200), resumed_at=None):
                                               "chance": 1 / 256, "i2t_r1": 0.004, "t2i_r1": 0.008}]
     for s in steps:
         loss = 8.0 * math.exp(-s / 120) + 2.0
-        recs.append({"event": "train", "step": s, "loss": loss, "itc": 0.4 * loss, "itm": 0.63, "itg": 0.6 * loss - 0.63,
-                     "lr": 2e-3 * (1 + math.cos(math.pi * s / steps[-1])) / 2, "grad_norm": 3.1})
+        recs.append({"event": "train", "step": s, "loss": loss, "itc": 0.4 * loss, "itm": 0.63,
+                     "itg": 0.6 * loss - 0.63, "lr": 2e-3 * (1 + math.cos(math.pi * s / steps[-1])) / 2,
+                     "grad_norm": 3.1})
     if resumed_at is not None:  # a resume logs a step again: the later record counts
         recs.append({"event": "resume", "step": resumed_at})
         recs.append({**recs[-2], "loss": 123.0})

@@ -190,7 +190,10 @@ def main(argv=None) -> int:
             p.add_argument("--readme", default=None, help="rewrite this README's predicted-gpu block")
             args = p.parse_args(argv)
             with open(args.predictions) as f:
-                preds = json.load(f)["predictions"]
+                preds = json.load(f).get("predictions")
+            if not preds:
+                raise UsageError(f"{args.predictions} holds no predictions: write one with `gpu_model.py suite "
+                                 "--out=FILE`")
             block = report.readme_table(preds, os.path.relpath(args.predictions))
             if args.readme:
                 report.write_readme(args.readme, block)
@@ -228,6 +231,11 @@ def main(argv=None) -> int:
         print(f"written: {args.out} (use it with --constants {os.path.relpath(args.out)})")
         return 0
     except (UsageError, FileNotFoundError) as e:
+        print(f"gpu_model.py {command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a file that is not what the command reads (bad JSON, no rows, no markers)
+        if command == "predict":
+            raise
         print(f"gpu_model.py {command}: {e}", file=sys.stderr)
         return 2
 

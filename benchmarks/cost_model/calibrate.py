@@ -26,6 +26,16 @@ TRAIN_MODES = {"eager": ("eager", False), "cuda_graphs": ("cuda_graphs", False),
                "fp8_cuda_graphs": ("cuda_graphs", True)}
 
 
+def _load(path: str) -> dict:
+    with open(path) as f:
+        doc = json.load(f)
+    try:
+        _rows(doc)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return doc
+
+
 def _rows(doc: dict) -> tuple[list, list]:
     """(e2e rows, op rows) of any results layout, as the dicts inside `doc` (annotated in place)."""
     if "stages" in doc:
@@ -94,7 +104,10 @@ def measured_gpu(doc: dict) -> str:
     """"h100" / "h200" from the GPU name a results file records (env stage, rows' device), else "h200"."""
     names = [str(((doc.get("stages") or {}).get("env") or {}).get("data", {}).get("gpu", {}).get("name", "")),
              str(doc.get("device", ""))]
-    e2e, ops = _rows(doc)
+    try:
+        e2e, ops = _rows(doc)
+    except ValueError:  # not a results file: annotate / refit say so, naming it
+        e2e, ops = [], []
     names += [str(r.get("device", "")) for r in e2e + ops]
     text = " ".join(names).upper()
     return "h100" if "H100" in text else "h200"
@@ -110,8 +123,7 @@ def annotate(path: str, gpu: Gpu, out: Optional[str] = None, predict=None,
     if predict is None:
         from gpu_model import predict
     t0 = time.perf_counter()
-    with open(path) as f:
-        doc = json.load(f)
+    doc = _load(path)
     e2e, ops = _rows(doc)
     late = {"ms": None, "why": f"not traced within --max_seconds={max_seconds}: run `python benchmarks/gpu_model.py "
                                 f"annotate` on the results file (CPU is enough)"}
@@ -174,8 +186,7 @@ def refit(path: str, gpu: Gpu, predict=None) -> dict:
     rows are annotated again, in memory, whenever their predictions used other constants)."""
     import tempfile
 
-    with open(path) as f:
-        doc = json.load(f)
+    doc = _load(path)
     e2e, _ = _rows(doc)
     values: dict = {}
     peaks = sorted(float(r["peak_tflops_measured"]) for r in e2e if r.get("peak_tflops_measured"))

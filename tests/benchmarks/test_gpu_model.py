@@ -332,7 +332,7 @@ def test_annotate_and_refit_recover_the_constants(tmp_path):
     assert json.loads((tmp_path / "fit2.json").read_text())["values"] == fit["values"]
 
 
-def test_cli_reports_bad_input_in_one_line(capsys):
+def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     import gpu_model
 
     assert gpu_model.main(["--stage=3"]) == 2
@@ -340,6 +340,13 @@ def test_cli_reports_bad_input_in_one_line(capsys):
     assert len(err) == 1 and "--stage=3" in err[0]
     assert gpu_model.main(["--impl=transformers"]) == 2
     assert gpu_model.main(["refit", "/nonexistent/results.json"]) == 2
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": 1}')
+    for command in ("annotate", "refit", "readme"):
+        assert gpu_model.main([command, str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(bad) in err[0], err
 
 
 # ------------------------------------------------------------------------------------------------ README, paper size

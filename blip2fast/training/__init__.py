@@ -1,6 +1,6 @@
 """The training loop behind `python -m blip2fast.train`, one concern per module:
 
-    config      TrainConfig dataclasses, presets (demo, tiny, paper stage 1 / stage 2), the --key=value CLI
+    config      TrainConfig dataclasses, presets (demo, demo_small, paper stage 1 / stage 2), the --key=value CLI
     optim       AdamW with the no-decay rule, warmup + cosine schedule (host and device), gradient clipping
     step        the training step on device: eager, torch.compile'd or replayed as a CUDA graph
     parallel    DDP over the trainable step, replicated or FSDP2-sharded frozen towers

@@ -6,6 +6,7 @@ LM loss). A resumed run's repeated steps keep their last record. Needs matplotli
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -25,6 +26,17 @@ def _last_per_step(records: list, event: str) -> list:
         if r.get("event") == event and isinstance(r.get("step"), int):
             by_step[r["step"]] = r  # a resumed run logs some steps again: keep the last
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _schedule(folder: str) -> Optional[dict]:
+    """The learning-rate schedule from <run>/config.json (None when absent or unreadable)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        return {"lr": float(cfg["optim"]["lr"]), "warmup": int(cfg["schedule"]["warmup_steps"]),
+                "steps": int(cfg["schedule"]["steps"]), "min_lr": float(cfg["schedule"]["min_lr"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def plot_run(run: str, out: Optional[str] = None) -> str:
@@ -47,7 +59,10 @@ def plot_run(run: str, out: Optional[str] = None) -> str:
     except ImportError:
         raise PlotError("matplotlib is not installed (pip install matplotlib); TensorBoard reads the same curves "
                         f"from {os.path.join(os.path.dirname(path), 'tb')}") from None
-    out = out or os.path.join(os.path.dirname(path) or ".", "curves.png")
+    folder = os.path.dirname(path) or "."
+    out = out or os.path.join(folder, "curves.png")
+    schedule = _schedule(folder)
+    last_step = max([r["step"] for r in train + evals] + ([schedule["steps"]] if schedule else []))
 
     fig, (ax_loss, ax_lr, ax_eval) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
     steps = [r["step"] for r in train]
@@ -57,8 +72,15 @@ def plot_run(run: str, out: Optional[str] = None) -> str:
         for k, colour in zip(terms, ("tab:blue", "tab:orange", "tab:green")):
             ax_loss.plot(steps, [r[k] for r in train], color=colour, lw=1.2, label=k)
         ax_loss.legend(frameon=False)
-        ax_lr.plot(steps, [r["lr"] for r in train], color="tab:purple", lw=1.8)
-        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax_lr.plot(steps, [r["lr"] for r in train], "o", color="tab:purple", ms=4, label="logged")
+    if schedule:  # the whole schedule (warmup included) from the run's config, beside the logged values
+        from .training.optim import lr_at
+
+        xs = list(range(0, schedule["steps"] + 1, max(1, schedule["steps"] // 400)))
+        ax_lr.plot(xs, [lr_at(max(0, x - 1), schedule["lr"], schedule["warmup"], schedule["steps"],
+                              schedule["min_lr"]) for x in xs], color="tab:purple", lw=1.5, label="schedule")
+        ax_lr.legend(frameon=False)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_loss.set_title("training loss (window means)")
     ax_lr.set_title("learning rate")
 
@@ -80,8 +102,9 @@ def plot_run(run: str, out: Optional[str] = None) -> str:
         ax_eval.set_title("no held-out evaluation in this run")
     for ax in (ax_loss, ax_lr, ax_eval):
         ax.set_xlabel("optimiser step")
+        ax.set_xlim(0, max(1, last_step) * 1.02)
         ax.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.abspath(os.path.dirname(path))))
+    fig.suptitle(os.path.relpath(os.path.abspath(folder)) if not os.path.isabs(run) else os.path.abspath(folder))
     fig.tight_layout()
     tmp = out + ".tmp.png"
     fig.savefig(tmp)

@@ -59,8 +59,8 @@ def test_low_sample_rates_keep_their_digits():
     assert [_rate(x) for x in (0.4123, 1.26, 7.349, 41.23, 320.4)] == ["0.412", "1.26", "7.35", "41.2", "320"]
 
 
-def _logger(tmp_path, lines, total=250_000, **kw):
-    return MetricLogger(str(tmp_path), 0, total, ("loss", "itc", "itm", "itg"), tensorboard=False,
+def _logger(tmp_path, lines, total=250_000, tensorboard=False, **kw):
+    return MetricLogger(str(tmp_path), 0, total, ("loss", "itc", "itm", "itg"), tensorboard=tensorboard,
                         print_fn=lines.append, **kw)
 
 
@@ -108,3 +108,15 @@ def test_on_a_terminal_a_bar_is_redrawn_from_the_first_step(tmp_path, capsys):
     log.info("  checkpoint: somewhere")  # a message clears the bar's line first
     assert capsys.readouterr().out == "\r\033[K" and lines == ["  checkpoint: somewhere"]
     log.close()
+
+
+def test_tensorboard_event_files_by_default_and_a_clear_note_without_it(tmp_path, monkeypatch):
+    log = _logger(tmp_path / "with", [], total=10, tensorboard=True)
+    log.window(10, {"loss": 3.0, "itc": 1.0, "itm": 0.5, "itg": 1.5}, 1e-3, 1.0, 10, 640, 2.0)
+    log.close()
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "with" / "tb"))
+    assert log.tb_note.startswith("TensorBoard: tensorboard --logdir ")
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as if not installed
+    bare = _logger(tmp_path / "without", [], total=10, tensorboard=True)
+    assert bare._tb is None and "pip install tensorboard" in bare.tb_note and "blip2fast.plot" in bare.tb_note
+    bare.close()

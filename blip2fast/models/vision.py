@@ -61,12 +61,29 @@ class EvaMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class TowerLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that keeps a half-precision tower's dtype under autocast. Autocast runs layer_norm in float32:
+    it casts x, weight and bias up and returns float32, which the next linear casts back down (or an FP8 linear
+    quantises from float32), three extra passes over the activations. Here the norm runs with autocast off on the
+    tower's own tensors: the kernel still computes its statistics and the affine transform in float32 and rounds
+    once to the tower's dtype, which is what the next linear's cast would have produced. Float32 towers (CPU,
+    parity tests) and runs without autocast take nn.LayerNorm unchanged. (Cost model, stage 1 ViT-g b128 on an
+    H200: about 40 GB of HBM traffic and 234 launches per step less.)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = x.dtype in (torch.float16, torch.bfloat16) and self.weight is not None and x.dtype == self.weight.dtype
+        if half and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class EvaBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm1 = TowerLayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn = EvaAttention(cfg.width, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm2 = TowerLayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = EvaMlp(cfg.width, cfg.mlp_hidden)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -316,3 +316,32 @@ def test_modules_do_not_import_transformers():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_eva_layer_norm_keeps_a_half_tower_dtype_under_autocast(dtype):
+    """EVA's norms in a bf16 tower return bf16 under autocast (what the next linear casts to), within one bf16
+    rounding of autocast's float32 norm; a float32 tower is nn.LayerNorm unchanged (LAVIS parity)."""
+    from blip2fast.models.vision import TowerLayerNorm
+
+    g = torch.Generator().manual_seed(4)
+    norm = TowerLayerNorm(88, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(88, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(88, generator=g))
+    norm = norm.to(dtype)
+    x = (3 + 2 * torch.randn(7, 13, 88, generator=g)).to(dtype)
+    plain = nn.LayerNorm(88, eps=1e-6).to(dtype)
+    plain.load_state_dict(norm.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, autocast_ref = norm(x), plain(x)
+    exact = nn.functional.layer_norm(x.double(), (88,), norm.weight.double(), norm.bias.double(), 1e-6)
+    if dtype == torch.bfloat16:
+        # CUDA autocast's route: float32 norm, then the next linear's cast to bf16
+        cuda_route = nn.functional.layer_norm(x.float(), (88,), norm.weight.float(), norm.bias.float(), 1e-6)
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()  # one bf16 rounding
+        assert ((got.double() - cuda_route.to(torch.bfloat16).double()).abs() <= 2 ** -7 * exact.abs() + 1e-5).all()
+    else:
+        assert torch.equal(got, autocast_ref)
+    assert torch.equal(norm(x), plain(x))  # no autocast: nn.LayerNorm itself

@@ -224,9 +224,17 @@ def save_native(model, path: str, tokenizer: Any = None, tokenizer_folder: Optio
     if cfg.vision.kind == "hf":
         tower = model.visual_encoder
         sd = {k: v for k, v in sd.items() if not k.startswith(_HF_TOWER_PREFIX)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tower.model.save_pretrained(os.path.join(tmp, VISION_DIR))
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Writing model shards" bar in the middle of the run's log
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tower.model.save_pretrained(os.path.join(tmp, VISION_DIR))
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         _forget_stages(os.path.join(tmp, VISION_DIR, "config.json"))
         source = os.path.join(cfg.vision.hf_path or "", "preprocessor_config.json")
         if os.path.isfile(source):

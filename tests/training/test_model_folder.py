@@ -195,3 +195,19 @@ def test_bad_transformers_tower_folders_are_one_line_train_errors(tmp_path, caps
                   "--device=cpu", "--steps=1"])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and str(folder) in err[0], err
+
+
+def test_demo_run_and_its_transformers_export_evaluate_without_flags(tmp_path, demo_cache, capsys):
+    """The demo preset's model (EVA layout, the demo's word tokenizer): the run folder, its model folder and its
+    transformers export all evaluate with --model alone; the tokenizer travels with each."""
+    cfg = tiny_config(tmp_path / "run", steps=2, every=2)
+    cfg = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, export_hf=True))
+    out = Trainer(cfg, print_fn=lambda s: None).fit()
+    assert out["export"] == str(tmp_path / "run" / "hf") and out["model"] == str(tmp_path / "run" / "model")
+    recalls = []
+    for path in (tmp_path / "run", tmp_path / "run" / "model", tmp_path / "run" / "hf"):
+        record, _ = _eval(["retrieval", f"--model={path}", f"--data={demo_cache['eval']}", "--limit=10", "--k=3",
+                           "--workers=0", "--device=cpu", f"--out={tmp_path / 'r.json'}"], capsys)
+        recalls.append(record["metrics"]["itc_i2t_r1"])
+    assert recalls[0] == recalls[1]  # the same folder; the transformers export changes ln_vision's eps only
+    assert abs(recalls[2] - recalls[0]) <= 0.1

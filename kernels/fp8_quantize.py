@@ -4,6 +4,10 @@ blip2fast/ops/fp8_quantize.py:quantize_rows_ref (read it first); this kernel mus
     scale[r] = max(amax_k |x[r, k]| / 448, 1e-12)     (float32)
     q[r, k]  = e4m3fn(float32(x[r, k]) / scale[r])     (IEEE division, round to nearest even)
 
+GELU (constexpr): x is first replaced by gelu(x) = x/2 (1 + erf(x / sqrt 2)) in float32, rounded to x's dtype as
+torch's F.gelu rounds (the FP8 MLP's fc2 input); erf is libdevice's on the GPU (as torch's CUDA gelu), numpy's
+under the interpreter (an ulp from torch's CPU erf now and then).
+
 One program per row: the whole row (K <= 16384) is loaded once into registers, reduced to its amax, divided and
 written as one byte per element plus the row's float32 scale, where PyTorch reads and writes the row five times.
 
@@ -55,12 +59,16 @@ def _quantize_rows_kernel(
     Q,  # *u8 (rows, K) contiguous out: e4m3fn bits
     S,  # *fp32 (rows,) out: the row scales
     K, stride_x,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, GELU: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     inside = offs < K
-    x = tl.load(X + r * stride_x + offs, mask=inside, other=0.0).to(tl.float32)
+    x = tl.load(X + r * stride_x + offs, mask=inside, other=0.0)
+    if GELU:
+        g = x.to(tl.float32)
+        x = (g * 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(x.dtype)  # rounded as torch's gelu
+    x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
     scale = tl.maximum(amax / 448.0, 1e-12)
     q = _e4m3_bits(tl.math.div_rn(x, scale))
@@ -76,23 +84,25 @@ def _warps(block_k: int) -> int:
     return 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
 
 
-def quantize_rows(x: Tensor, q: Tensor, scale: Tensor) -> None:
-    """Fill q (rows, K) float8_e4m3fn and scale (rows, 1) float32 from x (rows, K), unit column stride."""
+def quantize_rows(x: Tensor, q: Tensor, scale: Tensor, gelu: bool = False) -> None:
+    """Fill q (rows, K) float8_e4m3fn and scale (rows, 1) float32 from x (rows, K) (gelu: from F.gelu(x)), unit
+    column stride."""
     rows, K = x.shape
     if rows == 0:
         return
     LAUNCHES["quantize_rows"] += 1
     block = _block_k(K)
-    _quantize_rows_kernel[(rows,)](x, q.view(torch.uint8), scale, K, x.stride(0), BLOCK_K=block,
+    _quantize_rows_kernel[(rows,)](x, q.view(torch.uint8), scale, K, x.stride(0), BLOCK_K=block, GELU=bool(gelu),
                                    num_warps=_warps(block))
 
 
 def aot_cases() -> list:
     """(label, jit_fn, signature, constexprs, attrs, options): the ViT-g widths (1408 in, 6144 in) in bf16."""
     cases = []
-    for K in (1408, 6144):
+    for K, gelu in ((1408, False), (6144, True)):  # qkv / proj / fc1 inputs; fc2's, gelu applied in-kernel
         block = _block_k(K)
-        signature = {"X": "*bf16", "Q": "*u8", "S": "*fp32", "K": "i32", "stride_x": "i32", "BLOCK_K": "constexpr"}
-        cases.append((f"quantize_rows K={K}", _quantize_rows_kernel, signature, dict(BLOCK_K=block), {},
-                      dict(num_warps=_warps(block))))
+        signature = {"X": "*bf16", "Q": "*u8", "S": "*fp32", "K": "i32", "stride_x": "i32", "BLOCK_K": "constexpr",
+                     "GELU": "constexpr"}
+        cases.append((f"quantize_rows K={K} gelu={gelu}", _quantize_rows_kernel, signature,
+                      dict(BLOCK_K=block, GELU=gelu), {}, dict(num_warps=_warps(block))))
     return cases

@@ -99,8 +99,13 @@ def quantize(x: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
 def _mm(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], granularity: str,
         out_dtype: torch.dtype, fast_accum: bool = False) -> Tensor:
     xq, x_scale = quantize(x2, granularity)
+    return _quantized_mm(xq, x_scale, w_fp8, w_scale, bias, granularity, out_dtype, fast_accum)
+
+
+def _quantized_mm(xq: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                  granularity: str, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
     # row-wise scaled_mm on CUDA returns bf16 only; the tower's own dtype comes back with one cast
-    mm_dtype = torch.bfloat16 if (granularity == "row" and x2.device.type in ("cuda", "meta")) else out_dtype
+    mm_dtype = torch.bfloat16 if (granularity == "row" and xq.device.type in ("cuda", "meta")) else out_dtype
     in_gemm = bias is not None and mm_dtype == out_dtype  # else added after the cast, in the tower's dtype
     out = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale,
                            bias=bias.to(mm_dtype) if in_gemm else None, out_dtype=mm_dtype,
@@ -166,6 +171,12 @@ class Fp8Linear(nn.Module):
             y = _mm(x2, self.weight_fp8, self.weight_scale, self.bias, self.granularity, out_dtype, self.fast_accum)
         return y.reshape(*lead, self.out_features)
 
+    def forward_quantized(self, xq: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """The product from an input its caller quantised row-wise ((rows, K) e4m3, (rows, 1) scales): no
+        gradient (frozen inference path)."""
+        return _quantized_mm(xq, x_scale, self.weight_fp8, self.weight_scale, self.bias, self.granularity, out_dtype,
+                             self.fast_accum)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"e4m3 {self.granularity}-wise scales" + (", fast accumulation" if self.fast_accum else ""))
@@ -210,9 +221,35 @@ class Fp8ClipAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, s, w))
 
 
-def _attention_swap(module: nn.Module, granularity: str, fast_accum: bool) -> Optional[nn.Module]:
-    from .vision import EvaAttention
+class Fp8EvaMlp(nn.Module):
+    """EvaMlp (fc1, exact GELU, fc2) in float8. With row-wise scales and no gradient wanted (the frozen tower's
+    forward), fc2's input is quantised straight from fc1's output with the GELU applied in the same pass
+    (ops/fp8_quantize.py gelu=True): the activation is never written in the tower's dtype. The torch backend
+    gives exactly fc2(gelu(fc1(x))) of two Fp8Linears; otherwise that composition runs."""
+
+    def __init__(self, mlp: nn.Module, granularity: str, fast_accum: bool = False):
+        super().__init__()
+        self.fc1 = Fp8Linear.from_linear(mlp.fc1, granularity, fast_accum)
+        self.fc2 = Fp8Linear.from_linear(mlp.fc2, granularity, fast_accum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        if self.fc2.granularity != "row" or (torch.is_grad_enabled() and h.requires_grad):
+            return self.fc2(F.gelu(h))
+        from ..ops.fp8_quantize import quantize_rows
+
+        hq, h_scale = quantize_rows(h.reshape(-1, self.fc2.in_features), gelu=True)
+        y = self.fc2.forward_quantized(hq, h_scale, h.dtype)  # the dtype fc2 would return: gelu keeps h's
+        return y.reshape(*h.shape[:-1], self.fc2.out_features)
+
+
+def _module_swap(module: nn.Module, granularity: str, fast_accum: bool) -> Optional[nn.Module]:
+    from .vision import EvaAttention, EvaMlp
     from .vision_clip import FusedSelfAttention
+
+    if isinstance(module, EvaMlp) and fits_scaled_mm(*module.fc1.weight.shape) and \
+            fits_scaled_mm(*module.fc2.weight.shape):
+        return Fp8EvaMlp(module, granularity, fast_accum)
 
     if isinstance(module, EvaAttention) and fits_scaled_mm(*module.qkv.weight.shape):
         return Fp8EvaAttention(module, granularity, fast_accum)
@@ -240,7 +277,7 @@ def convert_linears_to_fp8_(tower: nn.Module, granularity: str = "row", skip: tu
             path = f"{prefix}{name}"
             if id(child) in skip_ids:
                 continue
-            swap = _attention_swap(child, granularity, fast_accum)
+            swap = _module_swap(child, granularity, fast_accum)
             if swap is not None:
                 setattr(parent, name, swap)
                 converted += 2
@@ -262,5 +299,5 @@ def convert_linears_to_fp8_(tower: nn.Module, granularity: str = "row", skip: tu
     return notes
 
 
-__all__ = ["E4M3_MAX", "Fp8ClipAttention", "Fp8EvaAttention", "Fp8Linear", "GRANULARITIES", "TOWER_TOLERANCE",
+__all__ = ["E4M3_MAX", "Fp8ClipAttention", "Fp8EvaAttention", "Fp8EvaMlp", "Fp8Linear", "GRANULARITIES", "TOWER_TOLERANCE",
            "convert_linears_to_fp8_", "fits_scaled_mm", "fp8_unsupported", "quantize", "require_fp8"]

@@ -4,15 +4,20 @@
     scale[r] = max(amax_k |x[r, k]| / 448, 1e-12)     float32, shape (rows, 1)
     q[r, k]  = e4m3fn(float32(x[r, k]) / scale[r])     IEEE division, then round to nearest even
 
+With `gelu=True` the rows are F.gelu(x) (exact erf form, computed in float32 and rounded to x's dtype, as torch
+does) before quantisation: the FP8 MLP's fc2 input, so the activation is never written to memory in x's dtype.
+
 The reference below is the definition (the same values the earlier upcast / abs / amax / divide / cast passes
 gave, in three full-size kernels instead of five: the inf-norm reads x in its own dtype and the division
-promotes it on the fly). The Triton backend (kernels/fp8_quantize.py) does it in one pass, bit for bit.
+promotes it on the fly). The Triton backend (kernels/fp8_quantize.py) does it in one pass, bit for bit without
+gelu; with gelu, its erf (libdevice on the GPU, numpy under the interpreter) may differ from torch's by an ulp.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, kernel_cost
@@ -22,8 +27,10 @@ E4M3_MAX = 448.0  # the largest finite e4m3fn value
 TINY = 1e-12  # floor of a scale: an all-zero row quantises to zeros instead of NaN
 
 
-def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows_ref(x: Tensor, gelu: bool = False) -> tuple[Tensor, Tensor]:
     """The definition: x (rows, K) of any float dtype -> (e4m3fn (rows, K), float32 scale (rows, 1))."""
+    if gelu:
+        x = F.gelu(x)
     amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)  # max |x|, exact
     scale = (amax / E4M3_MAX).clamp(min=TINY)
     return torch.div(x, scale).to(E4M3), scale
@@ -63,33 +70,35 @@ def _choose_backend(x: Tensor, backend: Optional[str]) -> str:
 
 
 @torch.library.custom_op("blip2fast::fp8_quantize_rows", mutates_args=(), device_types=("cpu", "cuda"))
-def _quantize_rows_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def _quantize_rows_op(x: Tensor, gelu: bool) -> tuple[Tensor, Tensor]:
     """Triton: (q (rows, K) e4m3fn, scale (rows, 1) float32)."""
     module, why = dispatch.triton_kernels("fp8_quantize")
     if module is None:
         raise RuntimeError(why)
     q = torch.empty(x.shape, dtype=E4M3, device=x.device)
     scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    module.quantize_rows(x, q, scale)
+    module.quantize_rows(x, q, scale, gelu)
     return q, scale
 
 
 @_quantize_rows_op.register_fake
-def _quantize_rows_fake(x):
+def _quantize_rows_fake(x, gelu):
     return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
 @kernel_cost.register("blip2fast::fp8_quantize_rows")
-def _quantize_rows_cost(x):
-    # one pass: x in once (the row stays in registers), one byte per element and a float32 scale per row out
+def _quantize_rows_cost(x, gelu):
+    # one pass: x in once (the row stays in registers, gelu applied there), one byte per element and a float32
+    # scale per row out
     return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(x), bytes_written=x.numel() + 4.0 * x.shape[0])
 
 
-def quantize_rows(x: Tensor, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """(e4m3fn (rows, K), float32 scale (rows, 1)) with x ~= q * scale: the semantics of `quantize_rows_ref`.
-    x: (rows, K) float. backend: "torch" | "triton" | None (BLIP2FAST_BACKEND, else automatic)."""
+def quantize_rows(x: Tensor, backend: Optional[str] = None, gelu: bool = False) -> tuple[Tensor, Tensor]:
+    """(e4m3fn (rows, K), float32 scale (rows, 1)) with x ~= q * scale (gelu: F.gelu(x) ~= q * scale): the
+    semantics of `quantize_rows_ref`. x: (rows, K) float. backend: "torch" | "triton" | None (BLIP2FAST_BACKEND,
+    else automatic)."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows takes a 2-D (rows, K) tensor; got shape {tuple(x.shape)}")
     if _choose_backend(x, backend) == "torch":
-        return quantize_rows_ref(x)
-    return _quantize_rows_op(x)
+        return quantize_rows_ref(x, gelu)
+    return _quantize_rows_op(x, bool(gelu))

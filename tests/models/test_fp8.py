@@ -185,3 +185,27 @@ def test_fp8_tower_on_gpu(granularity, fast_accum, backend, monkeypatch):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rel_err(bf16, ref) < 0.02
     assert rel_err(out, ref) < fp8.TOWER_TOLERANCE
+
+
+@needs_cpu_fp8
+def test_fp8_mlp_quantises_fc2_input_in_the_gelu_pass(monkeypatch):
+    """Fp8EvaMlp's fused path (fc2's input quantised from fc1's output with the GELU in the same pass) is exactly
+    fc2(gelu(fc1(x))) of its two Fp8Linears on the torch backend, and within e4m3 rounding on the Triton kernel;
+    with a gradient wanted it takes the composition (the input gradient flows)."""
+    from blip2fast.models.fp8 import Fp8EvaMlp
+    from blip2fast.models.vision import EvaMlp
+
+    torch.manual_seed(6)
+    mlp = Fp8EvaMlp(EvaMlp(48, 192).requires_grad_(False), "row")
+    x = torch.randn(3, 11, 48)
+    composed = mlp.fc2(nn.functional.gelu(mlp.fc1(x)))
+    with torch.no_grad():
+        fused = mlp(x)
+        monkeypatch.setenv("BLIP2FAST_BACKEND", "fp8_quantize_rows=triton")
+        fused_triton = mlp(x)
+        monkeypatch.delenv("BLIP2FAST_BACKEND")
+    assert fused.shape == (3, 11, 48) and torch.equal(fused, composed)
+    assert rel_err(fused_triton, composed) < 0.02
+    xg = x.clone().requires_grad_()
+    mlp(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()

@@ -71,7 +71,30 @@ def test_cost_model_sees_one_kernel():
     from blip2fast.ops import kernel_cost
 
     x = torch.empty(1000, 1408, dtype=torch.bfloat16, device="meta")
-    q, s = fp8_quantize._quantize_rows_op(x)  # the fake: shapes only
+    q, s = fp8_quantize._quantize_rows_op(x, True)  # the fake: shapes only
     assert q.shape == x.shape and q.dtype == E4M3 and s.shape == (1000, 1)
-    c = kernel_cost.COSTS["blip2fast::fp8_quantize_rows"](x)
+    c = kernel_cost.COSTS["blip2fast::fp8_quantize_rows"](x, True)
     assert c.launches == 1 and c.bytes_read == 2 * x.numel() and c.bytes_written == x.numel() + 4 * 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu_rows_are_quantised_from_the_activation(dtype):
+    """gelu=True quantises F.gelu(x) (the FP8 MLP's fc2 input): the torch backend exactly, the Triton kernel within
+    one e4m3 rounding of it (its erf may differ from torch's by an ulp, which can move a value across a rounding
+    boundary or a row's amax by an ulp)."""
+    from blip2fast.kernels import fp8_quantize as kernels
+
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(33, 517, generator=g) * torch.logspace(-1, 1, 33)[:, None]).to(dtype)
+    q, s = quantize_rows(x, backend="torch", gelu=True)
+    want_q, want_s = quantize_rows_ref(torch.nn.functional.gelu(x))
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    before = kernels.LAUNCHES["quantize_rows"]
+    tq, ts = quantize_rows(x, backend="triton", gelu=True)
+    assert kernels.LAUNCHES["quantize_rows"] == before + 1
+    assert ((ts - s).abs() <= 2 ** -20 * s).all()
+    exact = torch.nn.functional.gelu(x.double())
+    back = tq.double() * ts.double()
+    assert ((back - exact).abs() <= 2 ** -4 * exact.abs() + ts.double() * 2 ** -9).all()  # one e4m3 rounding
+    codes_differ = (tq.view(torch.uint8) != q.view(torch.uint8)).float().mean()
+    assert codes_differ < 0.01, codes_differ  # the same codes but for ulp-level erf differences

@@ -375,7 +375,8 @@ class Trainer:
             return None
         if self.sharded or self.cfg.speed.fp8:
             what = "FSDP-sharded" if self.sharded else "float8"
-            self.log(f"  model export skipped: the towers are {what} in this run; export from the checkpoint in one "
+            self.log(f"  model folder and transformers export skipped: the towers are {what} in this run; export "
+                     f"from the checkpoint in one "
                      f"process without --fp8 / --dist.frozen=fsdp: --resume=<checkpoint> --checkpoint.export_only=true")
             return None
         from ..checkpoint.native import RUN_MODEL_DIR, save_native

@@ -345,18 +345,20 @@ def _pad(n: int, pads: tuple) -> int:
 # The launchers' whole choice (every entry is lowered for sm_90 by aot_cases(); see the module docstring):
 #   QP = Q padded to 16 / 32 / 64; BLOCK_A = 64 // QP, so BLOCK_A * QP = 64 (a wgmma-sized M, the K of bwd_single)
 #   BLOCK_C = 64 (the N of sims, the K of bwd_multi, the M of bwd_single); 32 for fp32 sims: with 64, fp32 at
-#             QP = 64 spilled 9 KB per thread (IEEE fp32 dots run on FMA units, operands in registers), 8 bytes now
+#             QP = 64 spilled 9 KB per thread (IEEE fp32 dots run on FMA units, operands in registers), 8 bytes now;
+#             16 for fp32 sims at E = 256: with 32, triton 3.9 (ptxas 13.x for sm_90) gave the IEEE case 32
+#             registers and a 4 KB stack, while 16 lowers without stack on triton 3.6 and 3.9 alike
 #   BLOCK_E = E padded to 64 / 128 / 256: a whole feature row per tile (sims keeps its C tile resident)
 #   warps: 4 for half-precision sims; 8 for fp32 sims and for the backward kernels (their (64, BLOCK_E) fp32
 #          accumulators; fp32 ones use 255 registers with <= 48 bytes of stack, half ones <= 209 and none).
-#   Lowered for sm_90 (triton 3.6): shared memory <= 164 KB (fp32 tf32 sims, E = 256), bf16/fp16 <= 64 KB.
+#   Lowered for sm_90 (triton 3.6 and 3.9): shared memory <= 148 KB (fp32 tf32 sims, E = 256), bf16/fp16 <= 64 KB.
 # Not measured on a GPU yet: the GPU benchmark (benchmarks/bench_itc_loss.py) is where this table gets tuned.
 def launch_config(kernel: str, q: int, e: int, dtype: torch.dtype) -> BlockConfig:
     if kernel not in KERNEL_NAMES:
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNEL_NAMES}")
     qp, ep = _pad(q, Q_PADS), _pad(e, E_PADS)
     fp32 = dtype == torch.float32
-    block_c = 32 if kernel == "sims" and fp32 else 64
+    block_c = (16 if ep == 256 else 32) if kernel == "sims" and fp32 else 64
     warps = 8 if kernel != "sims" or fp32 else 4
     return BlockConfig(qp=qp, block_a=64 // qp, block_c=block_c, block_e=ep, num_warps=warps)
 

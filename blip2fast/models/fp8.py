@@ -198,9 +198,11 @@ class Fp8EvaAttention(nn.Module):
         self.qkv = Fp8Linear(attn.qkv.weight, bias, granularity, fast_accum)
         self.proj = Fp8Linear.from_linear(attn.proj, granularity, fast_accum)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, qkv: Optional[Tensor] = None) -> Tensor:
+        """qkv: the qkv product when the caller computed it (Fp8EvaBlock, from its fused norm + quantisation)."""
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x) if qkv is None else qkv
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -221,6 +223,44 @@ class Fp8ClipAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, s, w))
 
 
+def _fused_norm_input(norm: nn.Module, x: Tensor, linear: "Fp8Linear") -> Optional[Tensor]:
+    """linear(norm(x)) with the norm computed inside the row quantisation (one pass over x; the norm's output is
+    never written), or None where that does not apply: the fused kernel is not the backend in use (the torch
+    backend keeps the exact composition), the norm is not the half-precision tower's autocast path
+    (vision.TowerLayerNorm), scales are per tensor, or a gradient is wanted."""
+    from ..ops import fp8_quantize
+
+    dev = x.device.type
+    if linear.granularity != "row" or (torch.is_grad_enabled() and x.requires_grad) or norm.weight is None:
+        return None
+    if not (x.dtype in (torch.float16, torch.bfloat16) and x.dtype == norm.weight.dtype
+            and torch.is_autocast_enabled(dev)):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if fp8_quantize._choose_backend(x2, None) != "triton":
+        return None
+    xq, x_scale = fp8_quantize.quantize_rows(x2, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    y = linear.forward_quantized(xq, x_scale, torch.get_autocast_dtype(dev))  # what linear(norm(x)) returns
+    return y.reshape(*x.shape[:-1], linear.out_features)
+
+
+class Fp8EvaBlock(nn.Module):
+    """EvaBlock with its attention and MLP in float8 (Fp8EvaAttention, Fp8EvaMlp) and the same norms. With the
+    Triton quantiser in use, each norm runs inside the quantisation of the linear it feeds (qkv, fc1)."""
+
+    def __init__(self, block: nn.Module, granularity: str, fast_accum: bool = False):
+        super().__init__()
+        self.norm1, self.norm2 = block.norm1, block.norm2
+        self.attn = Fp8EvaAttention(block.attn, granularity, fast_accum)
+        self.mlp = Fp8EvaMlp(block.mlp, granularity, fast_accum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = _fused_norm_input(self.norm1, x, self.attn.qkv)
+        x = x + (self.attn(self.norm1(x)) if qkv is None else self.attn(x, qkv=qkv))
+        h = _fused_norm_input(self.norm2, x, self.mlp.fc1)
+        return x + (self.mlp(self.norm2(x)) if h is None else self.mlp(x, h=h))
+
+
 class Fp8EvaMlp(nn.Module):
     """EvaMlp (fc1, exact GELU, fc2) in float8. With row-wise scales and no gradient wanted (the frozen tower's
     forward), fc2's input is quantised straight from fc1's output with the GELU applied in the same pass
@@ -232,8 +272,9 @@ class Fp8EvaMlp(nn.Module):
         self.fc1 = Fp8Linear.from_linear(mlp.fc1, granularity, fast_accum)
         self.fc2 = Fp8Linear.from_linear(mlp.fc2, granularity, fast_accum)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
+    def forward(self, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        """h: fc1's output when the caller computed it (Fp8EvaBlock, from its fused norm + quantisation)."""
+        h = self.fc1(x) if h is None else h
         if self.fc2.granularity != "row" or (torch.is_grad_enabled() and h.requires_grad):
             return self.fc2(F.gelu(h))
         from ..ops.fp8_quantize import quantize_rows
@@ -244,8 +285,12 @@ class Fp8EvaMlp(nn.Module):
 
 
 def _module_swap(module: nn.Module, granularity: str, fast_accum: bool) -> Optional[nn.Module]:
-    from .vision import EvaAttention, EvaMlp
+    from .vision import EvaAttention, EvaBlock, EvaMlp
     from .vision_clip import FusedSelfAttention
+
+    if isinstance(module, EvaBlock) and all(fits_scaled_mm(*w.shape) for w in (
+            module.attn.qkv.weight, module.attn.proj.weight, module.mlp.fc1.weight, module.mlp.fc2.weight)):
+        return Fp8EvaBlock(module, granularity, fast_accum)
 
     if isinstance(module, EvaMlp) and fits_scaled_mm(*module.fc1.weight.shape) and \
             fits_scaled_mm(*module.fc2.weight.shape):
@@ -280,7 +325,7 @@ def convert_linears_to_fp8_(tower: nn.Module, granularity: str = "row", skip: tu
             swap = _module_swap(child, granularity, fast_accum)
             if swap is not None:
                 setattr(parent, name, swap)
-                converted += 2
+                converted += sum(isinstance(m, Fp8Linear) for m in swap.modules())
                 continue
             if isinstance(child, nn.Linear):
                 if fits_scaled_mm(child.out_features, child.in_features):
@@ -299,5 +344,5 @@ def convert_linears_to_fp8_(tower: nn.Module, granularity: str = "row", skip: tu
     return notes
 
 
-__all__ = ["E4M3_MAX", "Fp8ClipAttention", "Fp8EvaAttention", "Fp8EvaMlp", "Fp8Linear", "GRANULARITIES", "TOWER_TOLERANCE",
+__all__ = ["E4M3_MAX", "Fp8ClipAttention", "Fp8EvaAttention", "Fp8EvaBlock", "Fp8EvaMlp", "Fp8Linear", "GRANULARITIES", "TOWER_TOLERANCE",
            "convert_linears_to_fp8_", "fits_scaled_mm", "fp8_unsupported", "quantize", "require_fp8"]

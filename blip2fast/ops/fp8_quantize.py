@@ -27,8 +27,13 @@ E4M3_MAX = 448.0  # the largest finite e4m3fn value
 TINY = 1e-12  # floor of a scale: an all-zero row quantises to zeros instead of NaN
 
 
-def quantize_rows_ref(x: Tensor, gelu: bool = False) -> tuple[Tensor, Tensor]:
-    """The definition: x (rows, K) of any float dtype -> (e4m3fn (rows, K), float32 scale (rows, 1))."""
+def quantize_rows_ref(x: Tensor, gelu: bool = False, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                      eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The definition: x (rows, K) of any float dtype -> (e4m3fn (rows, K), float32 scale (rows, 1)). weight and
+    bias (K,): x is first layer_norm(x, weight, bias, eps) in x's dtype (float32 inside, autocast off)."""
+    if weight is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.layer_norm(x, (x.shape[1],), weight, bias, eps)
     if gelu:
         x = F.gelu(x)
     amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)  # max |x|, exact
@@ -70,35 +75,40 @@ def _choose_backend(x: Tensor, backend: Optional[str]) -> str:
 
 
 @torch.library.custom_op("blip2fast::fp8_quantize_rows", mutates_args=(), device_types=("cpu", "cuda"))
-def _quantize_rows_op(x: Tensor, gelu: bool) -> tuple[Tensor, Tensor]:
+def _quantize_rows_op(x: Tensor, gelu: bool, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float) -> tuple[Tensor, Tensor]:
     """Triton: (q (rows, K) e4m3fn, scale (rows, 1) float32)."""
     module, why = dispatch.triton_kernels("fp8_quantize")
     if module is None:
         raise RuntimeError(why)
     q = torch.empty(x.shape, dtype=E4M3, device=x.device)
     scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    module.quantize_rows(x, q, scale, gelu)
+    module.quantize_rows(x, q, scale, gelu, weight, bias, eps)
     return q, scale
 
 
 @_quantize_rows_op.register_fake
-def _quantize_rows_fake(x, gelu):
+def _quantize_rows_fake(x, gelu, weight, bias, eps):
     return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
 @kernel_cost.register("blip2fast::fp8_quantize_rows")
-def _quantize_rows_cost(x, gelu):
-    # one pass: x in once (the row stays in registers, gelu applied there), one byte per element and a float32
-    # scale per row out
-    return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(x), bytes_written=x.numel() + 4.0 * x.shape[0])
+def _quantize_rows_cost(x, gelu, weight, bias, eps):
+    # one pass: x in once (the row stays in registers, the norm or gelu applied there), one byte per element and a
+    # float32 scale per row out
+    return kernel_cost.KernelCost(bytes_read=kernel_cost.nbytes(x, weight, bias),
+                                  bytes_written=x.numel() + 4.0 * x.shape[0])
 
 
-def quantize_rows(x: Tensor, backend: Optional[str] = None, gelu: bool = False) -> tuple[Tensor, Tensor]:
-    """(e4m3fn (rows, K), float32 scale (rows, 1)) with x ~= q * scale (gelu: F.gelu(x) ~= q * scale): the
-    semantics of `quantize_rows_ref`. x: (rows, K) float. backend: "torch" | "triton" | None (BLIP2FAST_BACKEND,
-    else automatic)."""
+def quantize_rows(x: Tensor, backend: Optional[str] = None, gelu: bool = False, weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(e4m3fn (rows, K), float32 scale (rows, 1)) with x ~= q * scale (gelu: F.gelu(x) ~= q * scale; weight and
+    bias: layer_norm(x) ~= q * scale): the semantics of `quantize_rows_ref`. x: (rows, K) float. backend: "torch" |
+    "triton" | None (BLIP2FAST_BACKEND, else automatic)."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows takes a 2-D (rows, K) tensor; got shape {tuple(x.shape)}")
+    if (weight is None) != (bias is None) or (weight is not None and weight.shape != (x.shape[1],)):
+        raise ValueError(f"quantize_rows: give both LayerNorm weight and bias of shape ({x.shape[1]},) or neither")
     if _choose_backend(x, backend) == "torch":
-        return quantize_rows_ref(x, gelu)
-    return _quantize_rows_op(x, bool(gelu))
+        return quantize_rows_ref(x, gelu, weight, bias, eps)
+    return _quantize_rows_op(x, bool(gelu), weight, bias, float(eps))

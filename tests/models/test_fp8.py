@@ -181,7 +181,9 @@ def test_fp8_tower_on_gpu(granularity, fast_accum, backend, monkeypatch):
         ref = ref_tower(images.double())
         bf16 = tower(images.bfloat16())
         convert_linears_to_fp8_(tower, granularity, fast_accum=fast_accum)
-        out = tower(images.bfloat16())
+        # as the training step runs it (bf16 autocast): with the Triton quantiser the norms run inside it
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = tower(images.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rel_err(bf16, ref) < 0.02
     assert rel_err(out, ref) < fp8.TOWER_TOLERANCE
@@ -209,3 +211,32 @@ def test_fp8_mlp_quantises_fc2_input_in_the_gelu_pass(monkeypatch):
     xg = x.clone().requires_grad_()
     mlp(xg).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+@needs_cpu_fp8
+def test_fp8_block_runs_its_norms_inside_the_quantisation(monkeypatch):
+    """Fp8EvaBlock in a half-precision tower under autocast: with the Triton quantiser each norm runs inside the
+    quantisation of qkv / fc1 (the kernel really launches with the norm, the norms' own forward is not called),
+    within e4m3 rounding of the composition the torch backend runs (exactly the unfused block's); with a gradient
+    wanted or on the torch backend the composition runs."""
+    from blip2fast.kernels import fp8_quantize as kernels
+    from blip2fast.models.fp8 import Fp8EvaBlock
+    from blip2fast.models.vision import EvaBlock
+
+    cfg = VisionConfig(kind="eva", image_size=32, patch_size=8, width=64, depth=1, heads=4, mlp_hidden=256,
+                       layer_norm_eps=1e-6, dtype="float16")
+    torch.manual_seed(7)
+    block = Fp8EvaBlock(EvaBlock(cfg).half().requires_grad_(False), "row")
+    x = torch.randn(2, 17, 64).half()
+    calls = []
+    monkeypatch.setattr(type(block.norm1), "forward",
+                        lambda self, t, _f=type(block.norm1).forward: calls.append(1) or _f(self, t))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        composed = block(x)  # automatic on the CPU: the torch backend, the norms called
+        assert len(calls) == 2
+        monkeypatch.setenv("BLIP2FAST_BACKEND", "fp8_quantize_rows=triton")
+        before = kernels.LAUNCHES["quantize_rows"]
+        fused = block(x)
+        assert len(calls) == 2 and kernels.LAUNCHES["quantize_rows"] == before + 4  # qkv+norm, proj, fc1+norm, fc2
+    assert fused.dtype == composed.dtype == torch.float16 and torch.isfinite(fused).all()
+    assert rel_err(fused.float(), composed.float()) < 0.02

@@ -71,9 +71,9 @@ def test_cost_model_sees_one_kernel():
     from blip2fast.ops import kernel_cost
 
     x = torch.empty(1000, 1408, dtype=torch.bfloat16, device="meta")
-    q, s = fp8_quantize._quantize_rows_op(x, True)  # the fake: shapes only
+    q, s = fp8_quantize._quantize_rows_op(x, True, None, None, 0.0)  # the fake: shapes only
     assert q.shape == x.shape and q.dtype == E4M3 and s.shape == (1000, 1)
-    c = kernel_cost.COSTS["blip2fast::fp8_quantize_rows"](x, True)
+    c = kernel_cost.COSTS["blip2fast::fp8_quantize_rows"](x, True, None, None, 0.0)
     assert c.launches == 1 and c.bytes_read == 2 * x.numel() and c.bytes_written == x.numel() + 4 * 1000
 
 
@@ -98,3 +98,28 @@ def test_gelu_rows_are_quantised_from_the_activation(dtype):
     assert ((back - exact).abs() <= 2 ** -4 * exact.abs() + ts.double() * 2 ** -9).all()  # one e4m3 rounding
     codes_differ = (tq.view(torch.uint8) != q.view(torch.uint8)).float().mean()
     assert codes_differ < 0.01, codes_differ  # the same codes but for ulp-level erf differences
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norm_rows_are_quantised_from_the_layer_norm(dtype):
+    """weight/bias: the rows are layer_norm(x) (the FP8 tower's qkv / fc1 input): the torch backend exactly
+    quantize_rows_ref(layer_norm(x)), the Triton kernel within an ulp of x's dtype of it (its reductions are not
+    aten's), so the same e4m3 codes but for a few."""
+    from blip2fast.kernels import fp8_quantize as kernels
+
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(29, 1408, generator=g) * 3 + 1).to(dtype)
+    w = (1 + 0.2 * torch.randn(1408, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(1408, generator=g)).to(dtype)
+    q, s = quantize_rows(x, backend="torch", weight=w, bias=b, eps=1e-6)
+    want_q, want_s = quantize_rows_ref(torch.nn.functional.layer_norm(x, (1408,), w, b, 1e-6))
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    before = kernels.LAUNCHES["quantize_rows"]
+    tq, ts = quantize_rows(x, backend="triton", weight=w, bias=b, eps=1e-6)
+    assert kernels.LAUNCHES["quantize_rows"] == before + 1
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -20
+    assert ((ts - s).abs() <= ulp * s).all()
+    codes_differ = (tq.view(torch.uint8) != q.view(torch.uint8)).float().mean()
+    assert codes_differ < 0.01, codes_differ
+    with pytest.raises(ValueError, match="both LayerNorm weight and bias"):
+        quantize_rows(x, weight=w)

@@ -102,8 +102,33 @@ def _mm(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], gran
     return _quantized_mm(xq, x_scale, w_fp8, w_scale, bias, granularity, out_dtype, fast_accum)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise scales (torch 2.11's takes only per-tensor ones)."""
+    try:
+        a = torch.ones(16, 16).to(E4M3)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except Exception:  # RuntimeError "only supports per-tensor scaling for CPU backend"
+        return False
+    return True
+
+
+def _dequantized_mm(xq: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                    out_dtype: torch.dtype) -> Tensor:
+    """The product `_scaled_mm` defines, (q_x * s_x) @ (q_w * s_w)^T (+ bias), computed in fp32 from the e4m3 values
+    (each exact in fp32). Only for a CPU torch whose `_scaled_mm` lacks row-wise scales: CPU runs are for tests."""
+    x = xq.to(torch.float32) * x_scale.to(torch.float32)
+    w = w_fp8.to(torch.float32) * w_scale.to(torch.float32).reshape(-1, 1)
+    out = x @ w.t()
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
 def _quantized_mm(xq: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                   granularity: str, out_dtype: torch.dtype, fast_accum: bool) -> Tensor:
+    if xq.device.type == "cpu" and x_scale.numel() > 1 and not _cpu_rowwise_scaled_mm():
+        return _dequantized_mm(xq, x_scale, w_fp8, w_scale, bias, out_dtype)
     # row-wise scaled_mm on CUDA returns bf16 only; the tower's own dtype comes back with one cast
     mm_dtype = torch.bfloat16 if (granularity == "row" and xq.device.type in ("cuda", "meta")) else out_dtype
     in_gemm = bias is not None and mm_dtype == out_dtype  # else added after the cast, in the tower's dtype

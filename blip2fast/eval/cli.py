@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=TASKS)
     p.add_argument("--model", required=True, help="blip2fast run / model / checkpoint folder, transformers BLIP-2 folder "
                                                   "or LAVIS .pth (local)")
-    p.add_argument("--data", required=True, help="annotation/questions .json, or .tar shard pattern(s)")
+    p.add_argument("--data", default=None, help="annotation/questions .json, or .tar shard pattern(s); default for a "
+                                                 "run's folders (run, model/, hf/, a checkpoint): the held-out shards "
+                                                 "the run evaluated on (<run>/heldout.json)")
     p.add_argument("--images", default=None, help="image folder for an annotation/questions file")
     p.add_argument("--annotations", default=None, help="vqa: VQAv2 annotations .json (answers); omit to only predict")
     p.add_argument("--config", default=None, help=f"model sizes: a preset {sorted(PRESETS)} or a config .json")
@@ -102,6 +104,20 @@ def _fail(parser: argparse.ArgumentParser, msg: str):
     raise SystemExit(2)
 
 
+def run_heldout_data(model: str) -> Optional[str]:
+    """The held-out shards recorded by the run that `model` belongs to (the run folder itself, its model/ or hf/
+    export, or one of its checkpoints), None when there is no such record."""
+    path = os.path.abspath(model)
+    for _ in range(4):  # <run>, <run>/model, <run>/hf, <run>/checkpoints/step_N
+        record = os.path.join(path, "heldout.json")
+        if os.path.isfile(record):
+            with open(record) as f:
+                urls = json.load(f).get("urls")
+            return urls or None
+        path = os.path.dirname(path)
+    return None
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("batch_size", "k", "itm_batch", "num_beams", "max_words"):
         if getattr(a, name) < 1:
@@ -116,6 +132,12 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if not (os.path.isfile(a.model) or os.path.isdir(a.model)):
         _fail(p, f"--model={a.model!r} does not exist (a blip2fast run or model folder, a checkpoint folder, a "
                  "transformers BLIP-2 folder or a LAVIS .pth file)")
+    if a.data is None:
+        a.data = run_heldout_data(a.model) if a.task != "vqa" else None
+        if a.data is None:
+            _fail(p, f"--data is required: {a.model!r} is not from a blip2fast run that recorded its held-out set "
+                     "(<run>/heldout.json); give --data=ANNOTATIONS.json --images=DIR or --data='shards/{000..009}.tar'")
+        print(f"--data: the run's held-out shards ({a.data})", file=sys.stderr, flush=True)
     if a.images is not None and not os.path.isdir(a.images):
         _fail(p, f"--images={a.images!r} is not a folder")
     if a.annotations is not None and a.task != "vqa":

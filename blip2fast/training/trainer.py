@@ -169,6 +169,10 @@ def resolve_run(cfg: TrainConfig, rank: int, log: Callable[[str], None]) -> tupl
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
+# The held-out shards a run evaluated on (the demo's own, or --eval.urls), read by python -m blip2fast.eval
+HELDOUT_FILE = "heldout.json"
+
+
 class Trainer:
     """Build everything a run needs from a TrainConfig; `fit()` trains and returns a summary dict."""
 
@@ -265,6 +269,8 @@ class Trainer:
         if self.rank == 0:
             ckpt.clean_partial(self.run_dir)
             ckpt.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
+            if eval_urls:  # what `python -m blip2fast.eval --model=<run>` evaluates on when given no --data
+                ckpt.write_json(os.path.join(self.run_dir, HELDOUT_FILE), {"urls": eval_urls, "size": cfg.eval.size})
         self.tokenizer_dir = self._save_qformer_tokenizer() if self.rank == 0 else None
         self._describe(notes)
         self._stop: Optional[str] = None

@@ -205,9 +205,18 @@ def test_demo_run_and_its_transformers_export_evaluate_without_flags(tmp_path, d
     out = Trainer(cfg, print_fn=lambda s: None).fit()
     assert out["export"] == str(tmp_path / "run" / "hf") and out["model"] == str(tmp_path / "run" / "model")
     recalls = []
-    for path in (tmp_path / "run", tmp_path / "run" / "model", tmp_path / "run" / "hf"):
-        record, _ = _eval(["retrieval", f"--model={path}", f"--data={demo_cache['eval']}", "--limit=10", "--k=3",
-                           "--workers=0", "--device=cpu", f"--out={tmp_path / 'r.json'}"], capsys)
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    # no --data: each folder of the run evaluates on the held-out shards the run recorded (<run>/heldout.json)
+    for path in (tmp_path / "run", tmp_path / "run" / "model", tmp_path / "run" / "hf", checkpoint):
+        record, _ = _eval(["retrieval", f"--model={path}", "--limit=10", "--k=3", "--workers=0", "--device=cpu",
+                           f"--out={tmp_path / 'r.json'}"], capsys)
         recalls.append(record["metrics"]["itc_i2t_r1"])
-    assert recalls[0] == recalls[1]  # the same folder; the transformers export changes ln_vision's eps only
+    assert recalls[0] == recalls[1] == recalls[3]  # the same weights; the transformers export changes ln_vision's eps
     assert abs(recalls[2] - recalls[0]) <= 0.1
+    # a folder from no run: --data is required, in one line
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        _eval(["retrieval", f"--model={tmp_path / 'not_a_run'}", "--device=cpu"], capsys)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data is required" in err[0], err

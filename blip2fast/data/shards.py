@@ -516,6 +516,14 @@ class _Stream:
         return out
 
     def batches(self) -> Iterator[dict]:
+        try:
+            yield from self._batches()
+        finally:  # a consumer that stops early (the held-out batch) closes the shards' files now, not at GC
+            for visit in self.open:
+                if visit is not None:
+                    visit.close()
+
+    def _batches(self) -> Iterator[dict]:
         st = self.state
         if st["done"]:
             return

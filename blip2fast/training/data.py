@@ -187,10 +187,13 @@ def heldout_batch(urls: str, size: int, text, image_size: int, data=None) -> Opt
     (a DataConfig) brings the run's preprocessing."""
     wcfg = WebDataConfig(urls=urls, batch_size=size, image_size=image_size, num_workers=0, resampled=False,
                          shuffle=False, train=False, mix_shards=1, **(_pixels(data) if data is not None else {}))
-    loader = ShardLoader(wcfg, text, 0, 1)
-    for batch in loader:
-        return batch
-    return None
+    batches = iter(ShardLoader(wcfg, text, 0, 1))
+    try:
+        return next(batches, None)
+    finally:  # close the reader now: a suspended one keeps its tar open until garbage collection (ResourceWarning)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 __all__ = ["demo_cache_root", "demo_tokenizer", "ensure_demo_shards", "heldout_batch", "text_encoder",

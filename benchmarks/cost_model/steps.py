@@ -333,22 +333,10 @@ def _lavis_step(spec, model, batch, regions, patches):
 
 
 def _hf_config(cfg: Blip2Config, llm_config) -> object:
-    """transformers' Blip2Config with our sizes (the fields checkpoint/hf.py save_hf writes)."""
-    from transformers import Blip2Config as HFBlip2Config
+    """transformers' Blip2Config with our sizes, as checkpoint/hf.py save_hf writes it for generation."""
+    from blip2fast.checkpoint.hf import hf_blip2_config
 
-    v, q = cfg.vision, cfg.qformer
-    return HFBlip2Config(
-        vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_hidden, num_hidden_layers=v.depth,
-                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_act="gelu", layer_norm_eps=v.layer_norm_eps, attention_dropout=0.0, qkv_bias=True),
-        qformer_config=dict(vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-                            num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act="gelu",
-                            hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout,
-                            max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-                            pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
-                            encoder_hidden_size=v.width),
-        text_config=llm_config.to_dict(), num_query_tokens=q.num_query_tokens, image_text_hidden_size=cfg.embed_dim,
-        image_token_index=llm_config.vocab_size - 1)
+    return hf_blip2_config(cfg, llm_config, image_token_index=llm_config.vocab_size - 1)
 
 
 def _transformers_step(spec, cfg, model, batch, regions, patches):

@@ -531,6 +531,28 @@ def _image_processor(image_size: int):
     return transformers.BlipImageProcessor(**kwargs)
 
 
+def hf_blip2_config(cfg: Blip2Config, text_config: Any = None, image_token_index: Optional[int] = None,
+                    qformer_text_input: bool = False) -> Any:
+    """transformers' Blip2Config for our sizes: the layout `save_hf` writes (and the cost model traces)."""
+    from transformers import Blip2Config as HFBlip2Config
+
+    v, q = cfg.vision, cfg.qformer
+    return HFBlip2Config(
+        vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_hidden, num_hidden_layers=v.depth,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           hidden_act="gelu", layer_norm_eps=v.layer_norm_eps, attention_dropout=0.0, qkv_bias=True),
+        qformer_config=dict(vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
+                            num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act="gelu",
+                            hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout,
+                            max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
+                            pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
+                            encoder_hidden_size=v.width, use_qformer_text_input=qformer_text_input),
+        text_config=None if text_config is None else text_config.to_dict(),
+        num_query_tokens=q.num_query_tokens,
+        image_text_hidden_size=cfg.embed_dim,
+        image_token_index=image_token_index,
+    )
+
 def save_hf(model, path: str, kind: Optional[str] = None, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
             image_token_index: Optional[int] = None) -> str:
     """Write `model` as a transformers BLIP-2 folder that transformers 5.x loads with no missing keys.
@@ -554,8 +576,6 @@ def save_hf(model, path: str, kind: Optional[str] = None, max_shard_size: Union[
     (`generate(..., generation_config=model.generation_config)`); a mean row's logit is the mean of all logits, so
     greedy search never picks it regardless.
     """
-    from transformers import Blip2Config as HFBlip2Config
-
     cfg = model.config
     kind = kind or ("generation" if cfg.llm is not None else "retrieval")
     _check_kind(kind)
@@ -625,21 +645,8 @@ def save_hf(model, path: str, kind: Optional[str] = None, max_shard_size: Union[
             text_config.feed_forward_proj = ("gated-" if gated else "") + exact
             text_config.dense_act_fn = exact
 
-    hcfg = HFBlip2Config(
-        vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_hidden, num_hidden_layers=v.depth,
-                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_act="gelu", layer_norm_eps=v.layer_norm_eps, attention_dropout=0.0, qkv_bias=True),
-        qformer_config=dict(vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-                            num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act="gelu",
-                            hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout,
-                            max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-                            pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
-                            encoder_hidden_size=v.width, use_qformer_text_input=kind == "retrieval"),
-        text_config=None if text_config is None else text_config.to_dict(),
-        num_query_tokens=q.num_query_tokens,
-        image_text_hidden_size=cfg.embed_dim,
-        image_token_index=image_token_index if kind == "generation" else None,
-    )
+    hcfg = hf_blip2_config(cfg, text_config, image_token_index if kind == "generation" else None,
+                           qformer_text_input=kind == "retrieval")
     hcfg.architectures = [KINDS[kind]]
     hcfg.dtype = cfg.llm.dtype if kind == "generation" else "float32"
     hcfg.save_pretrained(path)

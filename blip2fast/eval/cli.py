@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast for the Q-Former in retrieval and qformer captions (auto: bfloat16 on CUDA, none "
                         "on the CPU); the LLM always runs in its own dtype")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward")
-    p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding worker processes (default: 4, at most the CPU count)")
     p.add_argument("--resize", default=None, choices=("squash", "crop"),
                    help="eval image transform: squash = resize to size x size (LAVIS's), crop = shorter side + "
                         "centre crop (default: what the model was trained with, else its tower's own)")

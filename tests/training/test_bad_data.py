@@ -44,8 +44,11 @@ def _write_shard(path, samples):
 
 
 def _cli_args(run_dir, urls, *extra):
-    return ["--preset=demo_small", "--steps=5", f"--data.urls={urls}", f"--checkpoint.dir={run_dir}", "--eval.size=8",
-            "--checkpoint.export_hf=false", "--logging.tensorboard=false", "--device=cpu", *extra]
+    """The base command line; a flag in `extra` replaces the base's (a flag given twice is a CLI error)."""
+    base = ["--preset=demo_small", "--steps=5", f"--data.urls={urls}", f"--checkpoint.dir={run_dir}", "--eval.size=8",
+            "--checkpoint.export_hf=false", "--logging.tensorboard=false", "--device=cpu"]
+    given = {a.split("=", 1)[0] for a in extra}
+    return [a for a in base if a.split("=", 1)[0] not in given] + list(extra)
 
 
 def _assert_one_line_error(proc, *must_say):

@@ -27,7 +27,7 @@ def test_paper_recipe_in_the_presets():
 
 def test_default_is_the_demo_and_flags_override_it():
     cfg = parse_cli([])
-    assert cfg.preset == "demo" and cfg.stage == 1 and cfg.schedule.steps == 1000 and cfg.data.urls == ""
+    assert cfg.preset == "demo" and cfg.stage == 1 and cfg.schedule.steps == 600 and cfg.data.urls == ""
     cfg = parse_cli(["--optim.lr=3e-4", "--schedule.steps", "12", "--data.shuffle=false", "--seed=7",
                      "--optim.betas=0.8,0.9", "--model.qformer.hidden_dropout=0.2", "--resume=latest",
                      "--checkpoint.dir=/tmp/x", "--deterministic"])

@@ -60,11 +60,20 @@ def test_bad_numeric_value_is_one_line_naming_the_key(key, value, must_say):
     assert key.split(".")[-1] in msg and must_say in msg, msg
 
 
-@pytest.mark.parametrize("key,value", [("optim.grad_clip", "0"), ("optim.weight_decay", "0"),
-                                       ("model.qformer.hidden_dropout", "0"), ("optim.betas", "0,0.999"),
-                                       ("model.temp_clamp", "none"), ("data.num_workers", "0")])
-def test_edge_values_that_mean_something_are_accepted(key, value):
-    parse_cli(["--preset=demo_small", f"--{key}={value}"])
+@pytest.mark.parametrize("key,value,expected,other", [
+    ("optim.grad_clip", "0", 0.0, "1.0"), ("optim.weight_decay", "0", 0.0, "0.05"),
+    ("model.qformer.hidden_dropout", "0", 0.0, "0.1"), ("optim.betas", "0,0.999", (0.0, 0.999), "0.9,0.999"),
+    ("model.temp_clamp", "none", None, "0.001,0.5"), ("data.num_workers", "0", 0, "2")])
+def test_edge_values_that_mean_something_are_accepted(key, value, expected, other):
+    """Edge values with a meaning (0 = off, none = no clamp) pass validation and reach the config as given; an
+    ordinary value of the same key parses to something else, so the comparison can tell them apart."""
+    def field(cfg):
+        for part in key.split("."):
+            cfg = getattr(cfg, part)
+        return cfg
+
+    assert field(parse_cli(["--preset=demo_small", f"--{key}={value}"])) == expected
+    assert field(parse_cli(["--preset=demo_small", f"--{key}={other}"])) != expected
 
 
 def test_every_float_field_rejects_nan():

@@ -182,15 +182,10 @@ def probe_shard(path: str, want: int = 1) -> tuple[int, Optional[str]]:
         except (tarfile.TarError, EOFError, OSError):
             return 0, "is not a tar archive"
         try:
-            while len(keys) < want:
-                info = tf.next()
-                if info is None:
+            for _, key, _ in sample_members(tf):
+                keys.add(key)
+                if len(keys) >= want:
                     break
-                tf.members.clear()
-                key, _ = _split_name(info.name) if info.isreg() else (None, None)
-                base = key.rsplit("/", 1)[-1] if key else ""
-                if key is not None and not (base.startswith("__") and base.endswith("__")):
-                    keys.add(key)
         except (tarfile.TarError, EOFError, OSError):
             if not keys:
                 return 0, "is not a tar archive (no readable member)"
@@ -204,14 +199,9 @@ def first_captions(path: str, count: int, max_words: int) -> list[str]:
     try:
         with tarfile.open(path, "r:") as tf:
             current, texts = None, {}
-            while len(out) < count:
-                info = tf.next()
-                if info is None:
+            for info, key, ext in sample_members(tf):
+                if len(out) >= count:
                     break
-                tf.members.clear()
-                key, ext = _split_name(info.name) if info.isreg() else (None, None)
-                if key is None:
-                    continue
                 if key != current:
                     out += _first_caption(texts, max_words) if texts else []
                     current, texts = key, {}
@@ -248,6 +238,24 @@ def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
     return name[:dot], name[dot + 1:].lower()
 
 
+def sample_members(tf: tarfile.TarFile) -> Iterator[tuple]:
+    """(header, key, ext) of a tar's sample files in file order, reading headers only: directories, names without
+    an extension and webdataset metadata (`__key__`-style names) are passed over. The member list is cleared as it
+    goes (shards are large; the caller keeps what it needs). Tar errors reach the caller."""
+    while True:
+        info = tf.next()
+        if info is None:
+            return
+        tf.members.clear()
+        if not info.isreg():
+            continue
+        key, ext = _split_name(info.name)
+        base = key.rsplit("/", 1)[-1] if key else ""
+        if key is None or (base.startswith("__") and base.endswith("__")):
+            continue
+        yield info, key, ext
+
+
 def index_shard(path: str) -> tuple[list[RawSample], Optional[str]]:
     """Read a shard's member headers: (samples in file order, shard error or None). Never raises on bad data."""
     samples: list[RawSample] = []
@@ -260,17 +268,7 @@ def index_shard(path: str) -> tuple[list[RawSample], Optional[str]]:
     current: Optional[RawSample] = None
     with tf:
         try:
-            while True:
-                info = tf.next()
-                if info is None:
-                    break
-                tf.members.clear()  # the index is all we keep
-                if not info.isreg():
-                    continue
-                key, ext = _split_name(info.name)
-                base = key.rsplit("/", 1)[-1] if key else ""
-                if key is None or (base.startswith("__") and base.endswith("__")):
-                    continue  # no extension, or webdataset metadata
+            for info, key, ext in sample_members(tf):
                 if current is None or key != current.key:
                     if current is not None:
                         samples.append(current)

@@ -155,7 +155,7 @@ def _mark_regions(model, regions: Regions, patches: list, lavis=None) -> None:
     qf = model.qformer
     for attr, name in (("image_kv", "Q-Former image K/V"), ("query_pass", "Q-Former query pass"),
                        ("text_pass", "Q-Former text pass"), ("itm_pass", "Q-Former ITM pass"),
-                       ("itg_pass", "Q-Former ITG pass")):
+                       ("itg_pass", "Q-Former ITG pass"), ("query_itg_pass", "Q-Former query + ITG pass")):
         if hasattr(qf, attr):
             w(qf, attr, name, patches)
     w(qf.lm_head, "forward", "LM head (ITG)", patches)

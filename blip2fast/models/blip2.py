@@ -29,7 +29,7 @@ from ..ops.itc_loss import itc_loss
 from ..ops.itm_sampling import itm_sample_negatives
 from ..ops.linear_ce import linear_cross_entropy
 from ..ops.losses import mean_over_global_count, token_ce_sum_ref, upcast
-from .qformer import PASS_ITG, PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
+from .qformer import PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
 from .vision import build_vision_tower, check_pixel_values, freeze_
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -270,7 +270,11 @@ class Blip2(nn.Module):
 
         image_embeds = self.image_embeds(pixel_values)
         image_kv = self.qformer.image_kv(image_embeds)
-        query_out, query_cache = self._query_pass(image_embeds, image_kv, rows)
+        # the query pass and the ITG pass run as one pass over [queries | [DEC] text] (QFormer.query_itg_pass)
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = q.dec_token_id
+        query_out, itg_states = self.qformer.query_itg_pass(self._queries(B), decoder_ids, attention_mask, image_kv,
+                                                            self._dropout(rows, PASS_QUERY))
         image_feats = F.normalize(self.vision_proj(query_out), dim=-1)
         text_out = self.qformer.text_pass(input_ids, attention_mask, self._dropout(rows, PASS_TEXT))
         text_feat = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)
@@ -307,11 +311,8 @@ class Blip2(nn.Module):
                                 torch.zeros(2 * B, dtype=torch.long, device=dev)])
             loss_itm = F.cross_entropy(upcast(itm_logits), labels)
 
-        # ---- ITG
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = q.dec_token_id
+        # ---- ITG (its Q-Former states came with the query pass)
         labels = decoder_ids.masked_fill(decoder_ids == q.pad_token_id, -100)
-        itg_states = self.qformer.itg_pass(decoder_ids, attention_mask, query_cache, self._dropout(rows, PASS_ITG))
         # LM head fused with the loss (ops.linear_ce): position t predicts label t + 1, and the (B (T-1), vocab)
         # logits never exist in full; they are computed for return_details only
         head = self.qformer.lm_head

@@ -9,6 +9,7 @@ One stack of layers serves four kinds of pass (the spec's mask table); each is a
                                      (picked per row from K/V projected once per step); query FFN on the query
                                      rows, text FFN on the text rows.
     itg_pass     [text]              attends to the cached query K/V plus causally to earlier text; text FFN.
+    query_itg_pass [queries | text]  training's query and ITG passes as one (the same mathematics; see there).
 
 Image K/V: `image_kv(image_embeds)` projects each cross-attention layer's K/V once per step; every pass that
 cross-attends reads them (optionally through a row -> image index), so no image is projected twice.
@@ -94,6 +95,7 @@ class Attention(nn.Module):
         *,
         key_padding: Optional[Tensor] = None,
         causal_prefix: Optional[int] = None,
+        row_offset: int = 0,
         kv_index: Optional[Tensor] = None,
         dropout: Optional[AttnDropout] = None,
     ) -> Tensor:
@@ -101,8 +103,8 @@ class Attention(nn.Module):
         if dropout is not None and (not self.training or self.attn_dropout_p == 0.0):
             dropout = None
         ctx = qformer_attention(  # backend: argument > BLIP2FAST_BACKEND > automatic (ops/dispatch.py)
-            q, kv[0], kv[1], key_padding=key_padding, causal_prefix=causal_prefix, kv_index=kv_index,
-            dropout=dropout,
+            q, kv[0], kv[1], key_padding=key_padding, causal_prefix=causal_prefix, row_offset=row_offset,
+            kv_index=kv_index, dropout=dropout,
         )
         B, _, L, _ = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(B, L, -1)
@@ -143,6 +145,7 @@ class Layer(nn.Module):
         *,
         key_padding: Optional[Tensor] = None,
         causal_prefix: Optional[int] = None,
+        row_offset: int = 0,
         past_kv: Optional[tuple[Tensor, Tensor]] = None,
         image_kv: Optional[tuple[Tensor, Tensor]] = None,
         image_index: Optional[Tensor] = None,
@@ -154,7 +157,7 @@ class Layer(nn.Module):
         full_kv = kv if past_kv is None else (torch.cat([past_kv[0], kv[0]], 2), torch.cat([past_kv[1], kv[1]], 2))
         p = self.self_attn.attn_dropout_p
         hidden = self.self_attn(
-            hidden, full_kv, key_padding=key_padding, causal_prefix=causal_prefix,
+            hidden, full_kv, key_padding=key_padding, causal_prefix=causal_prefix, row_offset=row_offset,
             dropout=None if drop is None else drop.at(p, self.index, cross=False, q_offset=q_offset),
         )
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
@@ -233,6 +236,25 @@ class QFormer(nn.Module):
         hidden = self.embeddings(input_ids=input_ids, queries=queries)
         padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
         return self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, image_index=image_index)[0]
+
+    def query_itg_pass(self, queries: Tensor, decoder_ids: Tensor, attention_mask: Tensor, image_kv: list,
+                       drop: Optional[DropoutContext] = None) -> tuple[Tensor, Tensor]:
+        """The query pass and the ITG pass of training as one pass over [queries | decoder text] (B, Q + T):
+        returns (query states (B, Q, D), ITG text states (B, T, D)).
+
+        Same mathematics as `query_pass` then `itg_pass` on its cache: with keys [0, Q) always visible and key
+        Q + j visible to text row t iff j <= t (row_offset -Q puts the query rows before every text key), a query
+        row sees only the queries, as in the query pass, and a text row sees the queries' K/V of that layer and
+        the earlier text, as the ITG pass does through the cache. One pass shares the self-attention projections,
+        the attention call, the output projection and their gradients between both (the weights are read once and
+        their gradient is one GEMM, not two plus a sum); only the FFNs stay split by position. Attention dropout
+        uses `drop`'s site for both, so a query row's mask is the query pass's.
+        """
+        Q = queries.shape[1]
+        hidden = self.embeddings(input_ids=decoder_ids, queries=queries)
+        padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
+        out = self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, causal_prefix=Q, row_offset=-Q)[0]
+        return out[:, :Q], out[:, Q:]
 
     def itg_pass(self, decoder_ids: Tensor, attention_mask: Tensor, query_cache: list,
                  drop: Optional[DropoutContext] = None) -> Tensor:

@@ -373,5 +373,5 @@ def test_paper_size_stage1_trace_is_fast_and_small(tmp_path):
     assert pred["trace"]["seconds"] < 180 and pred["trace"]["peak_rss_mb"] < 4096
     s = pred["summary"]
     assert s["launches"] > 5000 and s["hbm_bytes"] > 1e11 and s["host_syncs"] == 0
-    assert {"frozen tower + ln_vision", "Q-Former query pass", "Q-Former ITM pass", "optimizer"} <= set(
+    assert {"frozen tower + ln_vision", "Q-Former query + ITG pass", "Q-Former ITM pass", "optimizer"} <= set(
         s["by_region"])

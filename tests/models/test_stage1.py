@@ -244,3 +244,25 @@ def test_stage1_with_a_transformers_vision_tower(tmp_path):
                                                    image_size=24, dtype="float32"))
     m = _stage1_smoke(cfg, 24)
     assert m.image_embeds(torch.randn(2, 3, 24, 24)).shape == (2, 17, 40)
+
+
+def test_packed_query_itg_pass_equals_the_two_passes():
+    """Training's one pass over [queries | [DEC] text] (QFormer.query_itg_pass) computes what the query pass and
+    the ITG pass on its K/V cache compute (float64, dropout off; padded rows of odd lengths)."""
+    m = make_model().double().eval()
+    images, ids, mask = make_batch(3, T=11, lengths=[11, 4, 7])
+    dec = ids.clone()
+    dec[:, 0] = m.config.qformer.dec_token_id
+    with torch.no_grad():
+        embeds = m.image_embeds(images.double())
+        kv = m.qformer.image_kv(embeds)
+        queries = m._queries(3)
+        q_sep, cache = m.qformer.query_pass(queries, kv)
+        t_sep = m.qformer.itg_pass(dec, mask, cache)
+        q_packed, t_packed = m.qformer.query_itg_pass(queries, dec, mask, kv)
+    assert q_packed.shape == q_sep.shape and t_packed.shape == t_sep.shape
+    torch.testing.assert_close(q_packed, q_sep, rtol=1e-12, atol=1e-12)
+    real = mask.bool()  # padded text rows are never read (labels -100); compare the real ones
+    torch.testing.assert_close(t_packed[real], t_sep[real], rtol=1e-12, atol=1e-12)
+    assert (q_sep - t_sep[:, :1]).abs().max() > 1e-3  # the two outputs differ: the comparison can fail
+

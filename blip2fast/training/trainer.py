@@ -390,7 +390,8 @@ class Trainer:
         native = save_native(self.model, os.path.join(self.run_dir, RUN_MODEL_DIR), tokenizer_folder=self.tokenizer_dir,
                              preprocess=self.preprocess.to_dict())
         self.logger.event("export", step=self.step, path=native, format="blip2fast")
-        self.log(f"  model folder: {native} (python -m blip2fast.eval retrieval --model={self.run_dir} ...)")
+        task = "retrieval" if self.stage == 1 else "caption"  # what the run's own held-out data can evaluate
+        self.log(f"  model folder: {native} (python -m blip2fast.eval {task} --model={self.run_dir} ...)")
         self.model_dir = native
         if not hf:
             return native

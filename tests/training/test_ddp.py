@@ -83,3 +83,25 @@ def test_two_ranks_with_fsdp_sharded_tower_checkpoint_and_resume(tmp_path, demo_
     assert proc.returncode == 0, text[-4000:]
     assert f"resumed from {path} at step 4" in text
     assert ckpt.latest_checkpoint(run_dir).endswith(ckpt.checkpoint_name(6))
+
+
+def test_finish_distributed_destroys_only_the_group_blip2fast_started(tmp_path, monkeypatch):
+    """A run that succeeds destroys the process group it started (left to the interpreter's exit, gloo's threads
+    aborted a finished two-rank run now and then: "terminate called without an active exception", exit -6); a group
+    the caller started before calling blip2fast stays theirs."""
+    import torch.distributed as dist
+
+    from blip2fast.training import trainer
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(trainer, "_started_group", False)
+        trainer.finish_distributed()
+        assert dist.is_initialized()  # the caller's group
+        monkeypatch.setattr(trainer, "_started_group", True)
+        trainer.finish_distributed()
+        assert not dist.is_initialized() and trainer._started_group is False
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

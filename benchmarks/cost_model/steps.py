@@ -153,7 +153,8 @@ def _mark_regions(model, regions: Regions, patches: list, lavis=None) -> None:
     w(model, "image_embeds", "frozen tower + ln_vision", patches)
     w(model.visual_encoder, "forward", "frozen tower + ln_vision", patches)
     qf = model.qformer
-    for attr, name in (("image_kv", "Q-Former image K/V"), ("query_pass", "Q-Former query pass"),
+    for attr, name in (("projection_weights", "Q-Former fused projection weights"),
+                       ("image_kv", "Q-Former image K/V"), ("query_pass", "Q-Former query pass"),
                        ("text_pass", "Q-Former text pass"), ("itm_pass", "Q-Former ITM pass"),
                        ("itg_pass", "Q-Former ITG pass"), ("query_itg_pass", "Q-Former query + ITG pass")):
         if hasattr(qf, attr):
@@ -163,7 +164,7 @@ def _mark_regions(model, regions: Regions, patches: list, lavis=None) -> None:
     w(blip2_module, "linear_cross_entropy", "LM head (ITG)" if model.config.llm is None else "LM head (LLM)",
       patches)
     w(blip2_module, "itc_loss", "losses (ITC)", patches)
-    w(blip2_module, "itm_sample_negatives", "losses (ITM sampling)", patches)
+    w(blip2_module, "itm_sample_negative_pair", "losses (ITM sampling)", patches)
     w(model, "_itm_head", "losses (ITM head)", patches)
     if getattr(model, "language_model", None) is not None:
         _mark_llm(model.language_model, regions, patches)

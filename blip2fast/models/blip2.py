@@ -24,12 +24,11 @@ from torch import Tensor, nn
 
 from .. import distributed as dist_utils
 from ..config import Blip2Config
-from ..ops import hashing
 from ..ops.itc_loss import itc_loss
-from ..ops.itm_sampling import itm_sample_negatives
+from ..ops.itm_sampling import itm_sample_negative_pair
 from ..ops.linear_ce import linear_cross_entropy
 from ..ops.losses import mean_over_global_count, token_ce_sum_ref, upcast
-from .qformer import PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, QFormer
+from .qformer import PASS_ITM, PASS_QUERY, PASS_TEXT, DropoutContext, ProjectionWeights, QFormer
 from .vision import build_vision_tower, check_pixel_values, freeze_
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -269,14 +268,16 @@ class Blip2(nn.Module):
         B_all = B * world
 
         image_embeds = self.image_embeds(pixel_values)
-        image_kv = self.qformer.image_kv(image_embeds)
+        # every block's fused input projection, concatenated (and cast) once for all passes of this step
+        weights = self.qformer.projection_weights()
+        image_kv = self.qformer.image_kv(image_embeds, weights)
         # the query pass and the ITG pass run as one pass over [queries | [DEC] text] (QFormer.query_itg_pass)
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = q.dec_token_id
         query_out, itg_states = self.qformer.query_itg_pass(self._queries(B), decoder_ids, attention_mask, image_kv,
-                                                            self._dropout(rows, PASS_QUERY))
+                                                            self._dropout(rows, PASS_QUERY), weights)
         image_feats = F.normalize(self.vision_proj(query_out), dim=-1)
-        text_out = self.qformer.text_pass(input_ids, attention_mask, self._dropout(rows, PASS_TEXT))
+        text_out = self.qformer.text_pass(input_ids, attention_mask, self._dropout(rows, PASS_TEXT), weights)
         text_feat = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)
 
         # ---- ITC
@@ -292,11 +293,8 @@ class Blip2(nn.Module):
             neg_image, neg_text = self._check_negatives(negatives, B, B_all, dev)
         elif B_all >= 2:
             with torch.no_grad():
-                neg_image, n1 = itm_sample_negatives(sim_t2i.detach(), rows, rows, self.seed_step,
-                                                     hashing.STREAM_ITM_NEG_IMAGE_FOR_TEXT)
-                neg_text, n2 = itm_sample_negatives(sim_i2t.detach(), rows, rows, self.seed_step,
-                                                    hashing.STREAM_ITM_NEG_TEXT_FOR_IMAGE)
-                fallback = n1 + n2
+                neg_image, neg_text, fallback = itm_sample_negative_pair(sim_t2i.detach(), sim_i2t.detach(), rows,
+                                                                         rows, self.seed_step)
         else:
             neg_image = neg_text = None
         if neg_image is None:
@@ -306,7 +304,7 @@ class Blip2(nn.Module):
             itm_logits = None
         else:
             itm_logits = self._itm_rows(image_embeds, image_kv, input_ids, attention_mask, neg_image, neg_text,
-                                        rank, world)
+                                        rank, world, weights)
             labels = torch.cat([torch.ones(B, dtype=torch.long, device=dev),
                                 torch.zeros(2 * B, dtype=torch.long, device=dev)])
             loss_itm = F.cross_entropy(upcast(itm_logits), labels)
@@ -343,7 +341,8 @@ class Blip2(nn.Module):
         return out[0], out[1]
 
     def _itm_rows(self, image_embeds: Tensor, image_kv: list, input_ids: Tensor, attention_mask: Tensor,
-                  neg_image: Tensor, neg_text: Tensor, rank: int, world: int) -> Tensor:
+                  neg_image: Tensor, neg_text: Tensor, rank: int, world: int,
+                  weights: Optional[ProjectionWeights] = None) -> Tensor:
         """ITM logits (3B, 2) for pairs [(text b, image b) | (text b, neg image) | (neg text, image b)]."""
         B = input_ids.shape[0]
         dev = input_ids.device
@@ -356,7 +355,7 @@ class Blip2(nn.Module):
             # ln_vision is trainable; distributed.gather_rows_with_grad keeps O(B) rows in memory, not
             # world x B) and project just those; the local images' K/V are reused.
             neg_embeds = dist_utils.gather_rows_with_grad(image_embeds, neg_image)
-            neg_kv = self.qformer.image_kv(neg_embeds)
+            neg_kv = self.qformer.image_kv(neg_embeds, weights)
             kv = [None if a is None else (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
                   for a, b in zip(image_kv, neg_kv)]
             neg_slot = B + local
@@ -369,7 +368,7 @@ class Blip2(nn.Module):
         B_all = B * world
         itm_rows = torch.cat([local, local + B_all, local + 2 * B_all]) + rank * B
         states = self.qformer.itm_pass(self._queries(3 * B), text_ids, text_mask, kv, image_index,
-                                       self._dropout(itm_rows, PASS_ITM))
+                                       self._dropout(itm_rows, PASS_ITM), weights)
         return self._itm_head(states)
 
     # ------------------------------------------------------------------ stage 2

@@ -14,6 +14,14 @@ One stack of layers serves four kinds of pass (the spec's mask table); each is a
 Image K/V: `image_kv(image_embeds)` projects each cross-attention layer's K/V once per step; every pass that
 cross-attends reads them (optionally through a row -> image index), so no image is projected twice.
 
+Input projections are one GEMM each: self-attention's query, key and value read the same hidden states, and
+cross-attention's key and value the same image, so each block multiplies by the concatenation of its nn.Linear
+weights (`Attention.fused_projection`). The nn.Linear modules keep the parameters (state-dict keys, checkpoints and
+the LAVIS / transformers layouts are unchanged); training concatenates (and casts to the autocast dtype) once per
+step with `QFormer.projection_weights()` and hands the result to every pass, so one cast serves all passes as
+autocast's weight cache did, and each pass's backward is one GEMM per block for the input gradient (summed over
+q, k and v inside the GEMM in fp32) instead of three GEMMs, three casts and two adds.
+
 Parameter names are our own and map one-to-one to LAVIS's `Qformer.bert.*` names (see checkpoint/lavis.py).
 """
 from __future__ import annotations
@@ -67,11 +75,24 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+Projection = tuple[Tensor, Tensor]  # (weight (out, in), bias (out,)) of a fused input projection
+
+
+@dataclass
+class ProjectionWeights:
+    """Every block's fused input projection, built once per step (`QFormer.projection_weights`): `self_qkv[i]` of
+    layer i's self-attention, `cross_kv[i]` of its cross-attention (None where it has none)."""
+
+    self_qkv: list[Projection]
+    cross_kv: list[Optional[Projection]]
+
+
 class Attention(nn.Module):
     """Multi-head attention + output projection + dropout + residual + post-LN (BERT's attention block)."""
 
-    def __init__(self, cfg: QFormerConfig, kv_width: int):
+    def __init__(self, cfg: QFormerConfig, kv_width: int, cross: bool = False):
         super().__init__()
+        self.cross = cross  # cross-attention: q from the hidden states, k and v from the image
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(kv_width, cfg.hidden_size)
@@ -85,21 +106,41 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
 
-    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.key(x)), self._heads(self.value(x))
+    def fused_projection(self) -> Projection:
+        """The input projections as one (weight, bias): [query | key | value] for self-attention, [key | value]
+        for cross-attention. Under autocast it comes cast to the autocast dtype, so F.linear casts only the input;
+        gradients reach the three (two) nn.Linear parameters through the concatenation."""
+        linears = (self.key, self.value) if self.cross else (self.query, self.key, self.value)
+        weight = torch.cat([l.weight for l in linears])
+        bias = torch.cat([l.bias for l in linears])
+        device = weight.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return weight, bias
+
+    def project(self, x: Tensor, weights: Optional[Projection] = None) -> tuple[Tensor, ...]:
+        """(q, k, v) of x for self-attention, (k, v) of the image x for cross-attention, each (B, H, L, d): one
+        GEMM. `weights`: this block's `fused_projection()` when the caller built it already (once per step)."""
+        weight, bias = self.fused_projection() if weights is None else weights
+        B, L, _ = x.shape
+        parts = F.linear(x, weight, bias).view(B, L, -1, self.heads, self.head_dim).unbind(2)
+        return tuple(t.transpose(1, 2) for t in parts)  # unbind's backward is one stack of the three gradients
 
     def forward(
         self,
         hidden: Tensor,
         kv: tuple[Tensor, Tensor],
         *,
+        q: Optional[Tensor] = None,
         key_padding: Optional[Tensor] = None,
         causal_prefix: Optional[int] = None,
         row_offset: int = 0,
         kv_index: Optional[Tensor] = None,
         dropout: Optional[AttnDropout] = None,
     ) -> Tensor:
-        q = self._heads(self.query(hidden))
+        if q is None:  # cross-attention (self-attention's q comes with its k and v from `project`)
+            q = self._heads(self.query(hidden))
         if dropout is not None and (not self.training or self.attn_dropout_p == 0.0):
             dropout = None
         ctx = qformer_attention(  # backend: argument > BLIP2FAST_BACKEND > automatic (ops/dispatch.py)
@@ -134,7 +175,7 @@ class Layer(nn.Module):
         super().__init__()
         self.index = index
         self.self_attn = Attention(cfg, cfg.hidden_size)
-        self.cross_attn = Attention(cfg, image_width) if cfg.has_cross_attention(index) else None
+        self.cross_attn = Attention(cfg, image_width, cross=True) if cfg.has_cross_attention(index) else None
         self.ffn = FeedForward(cfg)  # text rows
         self.ffn_query = FeedForward(cfg)  # query rows (initialised as a copy of the text FFN)
 
@@ -151,13 +192,15 @@ class Layer(nn.Module):
         image_index: Optional[Tensor] = None,
         drop: Optional[DropoutContext] = None,
         q_offset: int = 0,
+        qkv_weights: Optional[Projection] = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Returns (new hidden, this layer's self-attention K/V of `hidden`, for the cache)."""
-        kv = self.self_attn.project_kv(hidden)
-        full_kv = kv if past_kv is None else (torch.cat([past_kv[0], kv[0]], 2), torch.cat([past_kv[1], kv[1]], 2))
+        q, k, v = self.self_attn.project(hidden, qkv_weights)
+        kv = (k, v)
+        full_kv = kv if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
         p = self.self_attn.attn_dropout_p
         hidden = self.self_attn(
-            hidden, full_kv, key_padding=key_padding, causal_prefix=causal_prefix, row_offset=row_offset,
+            hidden, full_kv, q=q, key_padding=key_padding, causal_prefix=causal_prefix, row_offset=row_offset,
             dropout=None if drop is None else drop.at(p, self.index, cross=False, q_offset=q_offset),
         )
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
@@ -208,42 +251,58 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i, image_width) for i in range(cfg.num_layers))
         self.lm_head = LMHead(cfg, self.embeddings.word_embeddings)
 
-    def image_kv(self, image_embeds: Tensor) -> list[Optional[tuple[Tensor, Tensor]]]:
+    def projection_weights(self) -> ProjectionWeights:
+        """Every block's fused input projection (see the module docstring): build once per step, pass to each
+        pass and to `image_kv` as `weights=`. Passes called without it build their own."""
+        return ProjectionWeights([l.self_attn.fused_projection() for l in self.layers],
+                                 [None if l.cross_attn is None else l.cross_attn.fused_projection()
+                                  for l in self.layers])
+
+    def image_kv(self, image_embeds: Tensor, weights: Optional[ProjectionWeights] = None
+                 ) -> list[Optional[tuple[Tensor, Tensor]]]:
         """Each cross-attention layer's image K/V, (B_img, H, N, d) each: computed once per step, reused by all
         passes that cross-attend."""
-        return [None if l.cross_attn is None else l.cross_attn.project_kv(image_embeds) for l in self.layers]
+        return [None if l.cross_attn is None else
+                l.cross_attn.project(image_embeds, None if weights is None else weights.cross_kv[i])
+                for i, l in enumerate(self.layers)]
 
     def _run(self, hidden: Tensor, num_queries: int, drop: Optional[DropoutContext], q_offset: int = 0,
-             past: Optional[list] = None, image_kv: Optional[list] = None, **kw) -> tuple[Tensor, list]:
+             past: Optional[list] = None, image_kv: Optional[list] = None,
+             weights: Optional[ProjectionWeights] = None, **kw) -> tuple[Tensor, list]:
         cache = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(
                 hidden, num_queries, past_kv=None if past is None else past[i],
-                image_kv=None if image_kv is None else image_kv[i], drop=drop, q_offset=q_offset, **kw,
+                image_kv=None if image_kv is None else image_kv[i], drop=drop, q_offset=q_offset,
+                qkv_weights=None if weights is None else weights.self_qkv[i], **kw,
             )
             cache.append(kv)
         return hidden, cache
 
-    def query_pass(self, queries: Tensor, image_kv: list, drop: Optional[DropoutContext] = None
-                   ) -> tuple[Tensor, list]:
+    def query_pass(self, queries: Tensor, image_kv: list, drop: Optional[DropoutContext] = None,
+                   weights: Optional[ProjectionWeights] = None) -> tuple[Tensor, list]:
         """queries (B, Q, D) -> (query states (B, Q, D), per-layer self-attention K/V of the queries)."""
         hidden = self.embeddings(queries=queries)
-        return self._run(hidden, queries.shape[1], drop, image_kv=image_kv)
+        return self._run(hidden, queries.shape[1], drop, image_kv=image_kv, weights=weights)
 
-    def text_pass(self, input_ids: Tensor, attention_mask: Tensor, drop: Optional[DropoutContext] = None) -> Tensor:
+    def text_pass(self, input_ids: Tensor, attention_mask: Tensor, drop: Optional[DropoutContext] = None,
+                  weights: Optional[ProjectionWeights] = None) -> Tensor:
         hidden = self.embeddings(input_ids=input_ids)
-        return self._run(hidden, 0, drop, key_padding=attention_mask)[0]
+        return self._run(hidden, 0, drop, key_padding=attention_mask, weights=weights)[0]
 
     def itm_pass(self, queries: Tensor, input_ids: Tensor, attention_mask: Tensor, image_kv: list,
-                 image_index: Optional[Tensor], drop: Optional[DropoutContext] = None) -> Tensor:
+                 image_index: Optional[Tensor], drop: Optional[DropoutContext] = None,
+                 weights: Optional[ProjectionWeights] = None) -> Tensor:
         """Rows are (image image_index[r], text r) pairs; returns (R, Q + T, D)."""
         Q = queries.shape[1]
         hidden = self.embeddings(input_ids=input_ids, queries=queries)
         padding = _queries_visible(attention_mask, Q)
-        return self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, image_index=image_index)[0]
+        return self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, image_index=image_index,
+                         weights=weights)[0]
 
     def query_itg_pass(self, queries: Tensor, decoder_ids: Tensor, attention_mask: Tensor, image_kv: list,
-                       drop: Optional[DropoutContext] = None) -> tuple[Tensor, Tensor]:
+                       drop: Optional[DropoutContext] = None, weights: Optional[ProjectionWeights] = None
+                       ) -> tuple[Tensor, Tensor]:
         """The query pass and the ITG pass of training as one pass over [queries | decoder text] (B, Q + T):
         returns (query states (B, Q, D), ITG text states (B, T, D)).
 
@@ -258,7 +317,8 @@ class QFormer(nn.Module):
         Q = queries.shape[1]
         hidden = self.embeddings(input_ids=decoder_ids, queries=queries)
         padding = _queries_visible(attention_mask, Q)
-        out = self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, causal_prefix=Q, row_offset=-Q)[0]
+        out = self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, causal_prefix=Q, row_offset=-Q,
+                        weights=weights)[0]
         return out[:, :Q], out[:, Q:]
 
     def itg_pass(self, decoder_ids: Tensor, attention_mask: Tensor, query_cache: list,

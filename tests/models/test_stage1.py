@@ -150,9 +150,9 @@ def test_image_kv_is_projected_once_per_step(monkeypatch):
     calls = []
     for layer in m.qformer.layers:
         if layer.cross_attn is not None:
-            orig = layer.cross_attn.project_kv
-            monkeypatch.setattr(layer.cross_attn, "project_kv",
-                                lambda x, orig=orig: calls.append(x.shape[0]) or orig(x))
+            orig = layer.cross_attn.project
+            monkeypatch.setattr(layer.cross_attn, "project",
+                                lambda x, w=None, orig=orig: calls.append(x.shape[0]) or orig(x, w))
     B = 4
     m.stage1_loss(*make_batch(B))
     n_cross = sum(l.cross_attn is not None for l in m.qformer.layers)

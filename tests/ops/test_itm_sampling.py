@@ -375,3 +375,26 @@ def test_cuda_graph_replay_draws_fresh_step(ext):
         graph.replay()
         want = itm_sample_negatives_ref(sim.cpu(), positive.cpu(), row_ids.cpu(), seed_step.cpu(), STREAM)
         assert_same((neg, nfb), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("rows,cols,nonfinite", [(5, 5, 0.0), (7, 21, 0.3), (3, 13, 1.0)])
+def test_pair_is_the_two_directions(backend, rows, cols, nonfinite, request):
+    """itm_sample_negative_pair (training's call: the torch backend draws both directions in one stacked pass)
+    returns exactly the two single-direction draws with their streams, fallback rows included (nonfinite=1.0:
+    every row falls back)."""
+    if backend == "cpp":
+        request.getfixturevalue("ext")
+    gen = torch.Generator().manual_seed(rows * 100 + cols)
+    sim_t2i, positive, row_ids, seed_step = make_inputs(rows, cols, gen=gen, nonfinite=nonfinite, row_offset=11)
+    sim_i2t = make_inputs(rows, cols, gen=gen, nonfinite=nonfinite)[0]
+    neg_image, neg_text, fallback = itm.itm_sample_negative_pair(sim_t2i, sim_i2t, positive, row_ids, seed_step,
+                                                                 backend=backend)
+    want_image, n1 = itm_sample_negatives_ref(sim_t2i, positive, row_ids, seed_step,
+                                              hashing.STREAM_ITM_NEG_IMAGE_FOR_TEXT)
+    want_text, n2 = itm_sample_negatives_ref(sim_i2t, positive, row_ids, seed_step,
+                                             hashing.STREAM_ITM_NEG_TEXT_FOR_IMAGE)
+    assert torch.equal(neg_image, want_image) and torch.equal(neg_text, want_text)
+    assert int(fallback) == int(n1 + n2) == (rows * 2 if nonfinite == 1.0 else int(fallback))
+    with pytest.raises(ValueError, match="same shape"):
+        itm.itm_sample_negative_pair(sim_t2i, sim_i2t[:, :-1], positive, row_ids, seed_step, backend=backend)

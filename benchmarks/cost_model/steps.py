@@ -26,8 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from blip2fast.config import (Blip2Config, LLMConfig, QFormerConfig, VisionConfig, blip2_stage1_vit_g,
-                              blip2_stage1_vit_l)
+from blip2fast.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 
 from .trace import OUTSIDE, Regions
 
@@ -64,8 +63,8 @@ class StepSpec:
 
 
 def model_config(spec: StepSpec) -> Blip2Config:
-    """The benchmarks' GPU model for the preset (vision in bf16, ln_vision eps as the tower's), dropout as asked,
-    and OPT-2.7B for stage 2 (tiny: the CPU benchmark sizes)."""
+    """The training preset's GPU model (its storage dtypes: bf16 tower, bf16 LLM), ln_vision eps as the tower's,
+    dropout as asked, and OPT-2.7B for stage 2 (tiny: the CPU benchmark sizes)."""
     import e2e_support as E
 
     if spec.preset == "tiny":
@@ -78,11 +77,14 @@ def model_config(spec: StepSpec) -> Blip2Config:
         llm = dict(E.OPT_TINY)
         llm_dtype = "float32"
     else:
-        base = blip2_stage1_vit_g() if spec.preset == "vit_g" else blip2_stage1_vit_l()
-        cfg = base.replace(vision=dataclasses.replace(base.vision, dtype="bfloat16"), ln_vision_eps=1e-6,
-                           max_text_len=spec.text_len)
+        from blip2fast.training.config import stage1_vit_g, stage1_vit_l, stage2_opt2_7b
+
+        # the storage dtypes the training presets use (a frozen tower / LLM whose dtype differs from autocast's is
+        # recast on every call: the trace must see what a user's run does)
+        base = (stage1_vit_g() if spec.preset == "vit_g" else stage1_vit_l()).model
+        cfg = base.replace(ln_vision_eps=1e-6, max_text_len=spec.text_len)
         llm = dict(E.OPT_2_7B)
-        llm_dtype = "bfloat16"
+        llm_dtype = stage2_opt2_7b().model.llm.dtype
     q = cfg.qformer
     q = dataclasses.replace(
         q, attention_dropout=q.attention_dropout if spec.attention_dropout is None else spec.attention_dropout,

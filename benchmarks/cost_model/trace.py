@@ -324,9 +324,9 @@ class FunctionStandIns(TorchFunctionMode):
             return _zeros_like_list(args[0])
         st = Autocast.state
         if st.enabled:
-            if func in LOWER:
-                args, kwargs = _cast(args, st.dtype, (torch.float32,)), {
-                    k: _cast(v, st.dtype, (torch.float32,)) for k, v in kwargs.items()}
+            if func in LOWER:  # like autocast's cached_cast: every floating dtype but float64, fp16 under bf16 too
+                lower = tuple(d for d in (torch.float32, torch.float16, torch.bfloat16) if d != st.dtype)
+                args, kwargs = _cast(args, st.dtype, lower), {k: _cast(v, st.dtype, lower) for k, v in kwargs.items()}
             elif func in FP32:
                 args, kwargs = _cast(args, torch.float32, (torch.float16, torch.bfloat16)), {
                     k: _cast(v, torch.float32, (torch.float16, torch.bfloat16)) for k, v in kwargs.items()}

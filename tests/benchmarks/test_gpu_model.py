@@ -88,6 +88,35 @@ def test_views_and_allocations_launch_nothing_and_syncs_are_counted():
     assert sum(e.host_syncs for e in events) == 1
 
 
+def test_autocast_stand_in_casts_every_other_half_type_like_autocast():
+    """Under bf16 autocast a linear casts float16 operands to bfloat16 too (autocast's cached_cast takes every
+    floating dtype but float64), so the product is a bf16 GEMM: before, fp16 weights stayed fp16 and the mixed
+    product came out float32, and the trace priced a frozen fp16 LLM's backward at fp32 GEMM speed (~2.9x slower)."""
+    from cost_model.trace import Autocast
+
+    x = torch.empty(256, 512, dtype=torch.float16, device="meta")
+    w16 = torch.empty(1024, 512, dtype=torch.float16, device="meta")
+    w32 = torch.empty(1024, 512, dtype=torch.float32, device="meta")
+
+    def fn(w):
+        with Autocast("cuda", dtype=torch.bfloat16):
+            return torch.nn.functional.linear(x, w)
+
+    for w in (w16, w32):
+        events = kernels(trace_fn(lambda: fn(w)))
+        assert [e.op for e in events] == ["aten::_to_copy", "aten::_to_copy", "aten::mm"]
+        assert events[-1].dtype == "bfloat16" and events[-1].flops == 2.0 * 256 * 1024 * 512
+    x16 = torch.empty(256, 512, dtype=torch.bfloat16, device="meta")
+    w16b = torch.empty(1024, 512, dtype=torch.bfloat16, device="meta")
+    with_bf16 = kernels(trace_fn(lambda: _linear_under_bf16(x16, w16b, Autocast)))
+    assert [e.op for e in with_bf16] == ["aten::mm"]  # already the autocast dtype: nothing to cast
+
+
+def _linear_under_bf16(x, w, autocast):
+    with autocast("cuda", dtype=torch.bfloat16):
+        return torch.nn.functional.linear(x, w)
+
+
 # ------------------------------------------------------------------------------------------------ whole steps
 
 

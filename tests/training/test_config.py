@@ -21,7 +21,7 @@ def test_paper_recipe_in_the_presets():
     g, t5 = preset("stage1_vit_g"), preset("stage2_flant5xxl")
     assert (g.optim.lr, g.optim.weight_decay, g.schedule.warmup_steps, g.schedule.min_lr) == (1e-4, 0.05, 2000, 1e-5)
     assert g.model.vision.width == 1408 and preset("stage1_vit_l").model.vision.kind == "clip"
-    assert t5.model.llm.dtype == "bfloat16" and preset("stage2_opt6.7b").model.llm.dtype == "float16"
+    assert t5.model.llm.dtype == "bfloat16" and preset("stage2_opt6.7b").model.llm.dtype == "bfloat16"
     assert t5.schedule.steps == 80_000
 
 

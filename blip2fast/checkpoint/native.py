@@ -1,7 +1,9 @@
 """The native model folder: every tensor a `Blip2` needs, whatever its towers, in blip2fast's own names.
 
     blip2fast_model.json   {"format": "blip2fast-model", "version": 1, "model": Blip2Config.to_dict(),
-                            "preprocess": image size / resize / mean / std the tower expects, "notes": [...]}
+                            "preprocess": image size / resize / mean / std the tower expects,
+                            "prompt": the text a stage-2 model was trained with before each caption (absent: not
+                            recorded), "notes": [...]}
     model.safetensors      the state dict (blip2fast names) minus the two parts stored elsewhere:
     vision/                a transformers vision tower (vision.kind="hf"), as transformers saves it (config.json,
                            weights, and the source folder's preprocessor_config.json); EVA / CLIP towers (LAVIS
@@ -192,6 +194,30 @@ def recorded_preprocess(path: str, config: Blip2Config):
     return tower_preprocess(config.vision)
 
 
+def recorded_prompt(path: str) -> Optional[str]:
+    """The caption prompt a stage-2 model was trained with: its native folder's record, or its run's config (a
+    checkpoint or a run folder); None when nothing records one (a LAVIS or transformers checkpoint)."""
+    try:
+        kind, where = model_source(path)
+    except FileNotFoundError:
+        return None
+    try:
+        if kind == "native":
+            prompt = read_native_meta(where).get("prompt")
+            run_config = os.path.join(os.path.dirname(os.path.abspath(where)), "config.json")
+            if prompt is None and os.path.isfile(run_config):  # a run's model/ written before prompts were recorded
+                with open(run_config, encoding="utf-8") as f:
+                    prompt = json.load(f)["data"].get("prompt")
+            return prompt if isinstance(prompt, str) else None
+        if kind == "checkpoint":
+            with open(os.path.join(where, "trainer.json"), encoding="utf-8") as f:
+                prompt = json.load(f)["config"]["data"].get("prompt")
+            return prompt if isinstance(prompt, str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ save
 def _forget_stages(config_file: str) -> None:
     """A tower cut after its feature layer has fewer layers than its backbone stage list (DINOv2 & co. record
@@ -206,11 +232,12 @@ def _forget_stages(config_file: str) -> None:
 
 
 def save_native(model, path: str, tokenizer: Any = None, tokenizer_folder: Optional[str] = None,
-                preprocess: Optional[dict] = None, notes: Optional[list] = None) -> str:
+                preprocess: Optional[dict] = None, notes: Optional[list] = None, prompt: Optional[str] = None) -> str:
     """Write `model` as a native folder at `path`, atomically (a temp folder renamed over any old one).
 
     tokenizer: the Q-Former tokenizer object (transformers or the demo's), or tokenizer_folder: a folder to copy
-    (e.g. the stage-1 run's, for a stage-2 model). preprocess: what the images were prepared with (recorded)."""
+    (e.g. the stage-1 run's, for a stage-2 model). preprocess: what the images were prepared with (recorded).
+    prompt: a stage-2 model's training prompt (recorded; evaluation captions with it by default)."""
     cfg: Blip2Config = model.config
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -255,6 +282,8 @@ def save_native(model, path: str, tokenizer: Any = None, tokenizer_folder: Optio
         shutil.copytree(tokenizer_folder, os.path.join(tmp, TOKENIZER_DIR))
     meta = {"format": FORMAT, "version": VERSION, "model": saved_cfg.to_dict(), "preprocess": preprocess,
             "notes": list(notes or [])}
+    if prompt is not None:
+        meta["prompt"] = prompt
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     if os.path.exists(path):
@@ -314,5 +343,5 @@ def load_native(cls, path: str, config: Optional[Blip2Config] = None, vision_dty
     return model
 
 
-__all__ = ["CONFIG_FILE", "QFORMER_TOKENIZER_HF", "RUN_MODEL_DIR", "find_qformer_tokenizer", "model_source", "recorded_preprocess", "TOKENIZER_DIR", "VISION_DIR", "has_tokenizer", "is_native_folder", "load_native",
+__all__ = ["CONFIG_FILE", "QFORMER_TOKENIZER_HF", "RUN_MODEL_DIR", "find_qformer_tokenizer", "model_source", "recorded_preprocess", "recorded_prompt", "TOKENIZER_DIR", "VISION_DIR", "has_tokenizer", "is_native_folder", "load_native",
            "native_config", "read_native_meta", "read_native_state_dict", "save_native", "save_qformer_tokenizer"]

@@ -1,8 +1,8 @@
 """`python -m blip2fast.eval {retrieval,caption,vqa} --model=PATH --data=...`: prints a table, writes JSON.
 
     retrieval  --data=ANNOTATIONS.json --images=DIR  or  --data='shards/{000..009}.tar'   [--k=128]
-    caption    the same data; --decoder=llm (stage 2, prompt "a photo of") or qformer (stage 1; the default for a
-               model without an LLM)
+    caption    the same data; --decoder=llm (stage 2; prompt: what the run trained with, "a photo of" for a LAVIS /
+               transformers checkpoint) or qformer (stage 1; the default for a model without an LLM)
     vqa        --data=QUESTIONS.json --images=DIR [--annotations=ANNOTATIONS.json]  (VQAv2 layout)
 
 --model: a blip2fast run folder (its model/ folder, else its latest checkpoint), a model folder written by a run or
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default=None, choices=("llm", "qformer"),
                    help="caption: which decoder (default: the LLM when the model has one, else the Q-Former)")
     p.add_argument("--prompt", default=None,
-                   help='caption: text prompt (default "a photo of" for the LLM, none for the Q-Former); vqa: '
-                        'a template with {} (default: the paper\'s per LLM family)')
+                   help='caption: text prompt (default: the prompt a blip2fast stage-2 run trained with, recorded '
+                        'in its model folder; "a photo of" for the LLM of a LAVIS / transformers checkpoint; none '
+                        'for the Q-Former); vqa: a template with {} (default: the paper\'s per LLM family)')
     p.add_argument("--num_beams", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: 30 (caption), 10 (vqa)")
     p.add_argument("--min_new_tokens", type=int, default=None,
@@ -299,12 +300,24 @@ def _gen_settings(a: argparse.Namespace, task: str) -> dict:
             "length_penalty": a.length_penalty if a.length_penalty is not None else (1.0 if caption else -1.0)}
 
 
+def default_caption_prompt(model_path: str, decoder: str) -> str:
+    """The LLM captions with the prompt its soft prompt was trained with: a stage-2 run records it (none by default,
+    as in the paper); a LAVIS / transformers checkpoint records nothing and gets LAVIS's captioning prompt. A prompt
+    the model never saw pulls the frozen LLM towards its own continuation of that text, whatever the image."""
+    if decoder != "llm":
+        return ""
+    from ..checkpoint.native import recorded_prompt
+
+    recorded = recorded_prompt(model_path)
+    return "a photo of" if recorded is None else recorded
+
+
 def run_caption(model, data, tokenizer, a: argparse.Namespace) -> dict:
     from .captioning import CaptionConfig, caption_metrics, caption_metrics_available, llm_captions, qformer_captions
     from .data import image_batches
 
     g = _gen_settings(a, "caption")
-    prompt = a.prompt if a.prompt is not None else ("a photo of" if a.decoder == "llm" else "")
+    prompt = a.prompt if a.prompt is not None else default_caption_prompt(a.model, a.decoder)
     cfg = CaptionConfig(prompt=prompt, num_beams=g["num_beams"], max_new_tokens=g["max_new_tokens"],
                         min_new_tokens=g["min_new_tokens"], length_penalty=g["length_penalty"])
     if a.decoder == "llm" and model.config.llm is None:

@@ -405,7 +405,8 @@ class Trainer:
         from ..checkpoint.native import RUN_MODEL_DIR, save_native
 
         native = save_native(self.model, os.path.join(self.run_dir, RUN_MODEL_DIR), tokenizer_folder=self.tokenizer_dir,
-                             preprocess=self.preprocess.to_dict())
+                             preprocess=self.preprocess.to_dict(),
+                             prompt=self.cfg.data.prompt if self.stage == 2 else None)
         self.logger.event("export", step=self.step, path=native, format="blip2fast")
         task = "retrieval" if self.stage == 1 else "caption"  # what the run's own held-out data can evaluate
         self.log(f"  model folder: {native} (python -m blip2fast.eval {task} --model={self.run_dir} ...)")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from blip2fast.config import VisionConfig
+from blip2fast.training import checkpoint as ckpt
 from blip2fast.training.config import ConfigError, WeightsConfig, parse_cli
 from blip2fast.training.trainer import Trainer
 from tests.training.conftest import tiny_config
@@ -144,6 +145,23 @@ def test_stage2_takes_the_stage1_sizes_and_captions(hf_run, llm_folders, demo_ca
                              "--workers=0", "--device=cpu", "--num_beams=1", "--max_new_tokens=4",
                              f"--out={tmp_path / 'c.json'}"], capsys)
     assert record["settings"]["decoder"] == "llm" and len(record["predictions"]) == 4
+    # captions use the prompt the run trained with (none, the paper's), recorded in its model folder and checkpoints,
+    # not LAVIS's "a photo of", which the soft prompt never saw
+    assert record["settings"]["prompt"] == ""
+    from blip2fast.checkpoint.native import CONFIG_FILE
+    from blip2fast.eval.cli import default_caption_prompt
+
+    meta_file = os.path.join(out["model"], CONFIG_FILE)
+    meta = json.loads(open(meta_file).read())
+    assert meta["prompt"] == ""
+    assert default_caption_prompt(ckpt.latest_checkpoint(str(tmp_path / "s2")), "llm") == ""
+    meta["prompt"] = "a picture of"
+    open(meta_file, "w").write(json.dumps(meta))
+    assert default_caption_prompt(str(tmp_path / "s2"), "llm") == "a picture of"
+    assert default_caption_prompt(str(tmp_path / "s2"), "qformer") == ""
+    del meta["prompt"]  # a folder written before prompts were recorded: its run's config.json says
+    open(meta_file, "w").write(json.dumps(meta))
+    assert default_caption_prompt(str(tmp_path / "s2"), "llm") == ""
     # the stage-2 run carries the stage-1 Q-Former tokenizer: retrieval works on it too
     record, _ = _eval(["retrieval", f"--model={tmp_path / 's2'}", f"--data={demo_cache['eval']}", "--limit=6",
                        "--k=2", "--workers=0", "--device=cpu", f"--out={tmp_path / 'r.json'}"], capsys)

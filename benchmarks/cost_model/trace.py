@@ -57,7 +57,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
 
 @_sdpa.register_fake
 def _sdpa_fake(q, k, v, mask, is_causal, scale, dropout_p):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    shape = q.shape[:-1] + (v.shape[-1],)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    if q.dim() != 4:
+        return q.new_empty(shape), lse
+    # torch's flash and memory-efficient kernels write (B, N, H, d) and return it transposed to (B, H, N, d), so
+    # the usual `out.transpose(1, 2).reshape(B, N, H * d)` afterwards is a view, not a copy
+    B, H, N, d = shape
+    return torch.empty_strided(shape, (N * H * d, d, H * d, 1), dtype=q.dtype, device=q.device), lse
 
 
 @torch.library.custom_op("cost_model::sdpa_backward", mutates_args=())

@@ -114,7 +114,11 @@ class Attention(nn.Module):
         weight = torch.cat([l.weight for l in linears])
         bias = torch.cat([l.bias for l in linears])
         device = weight.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        try:
+            autocast = torch.is_autocast_enabled(device)
+        except RuntimeError:  # a device type autocast does not know (meta outside the cost model's trace)
+            autocast = False
+        if autocast:
             dtype = torch.get_autocast_dtype(device)
             weight, bias = weight.to(dtype), bias.to(dtype)
         return weight, bias

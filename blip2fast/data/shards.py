@@ -108,6 +108,7 @@ class WebDataConfig:
     image_size: int = 224  # output side (the vision tower's input size)
     num_workers: int = 2  # DataLoader worker processes; also the number of streams (0 -> one, in-process)
     prefetch_factor: int = 2  # batches prefetched per worker
+    worker_timeout: float = 600.0  # seconds without a batch from the workers before a stuck one is an error; 0: wait
     seed: int = 0  # every shard choice, shuffle, caption choice and augmentation derives from it
     resampled: bool = True  # True: infinite stream of shards drawn with replacement; False: epochs
     shuffle: bool = True  # shuffle shard order (epochs), sample order within shards and across open shards
@@ -128,6 +129,8 @@ class WebDataConfig:
                 errs.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_workers < 0:
             errs.append(f"num_workers={self.num_workers} must be >= 0")
+        if not self.worker_timeout >= 0:
+            errs.append(f"worker_timeout={self.worker_timeout} must be >= 0 seconds (0: wait for ever)")
         if errs:
             raise ValueError("WebDataConfig: " + "; ".join(errs))
 
@@ -799,8 +802,11 @@ class ShardLoader:
         ds = _ShardIterable(self.paths, self.cfg, self.text, self.rank, self.world_size, self.num_streams,
                             self.epoch, self.epoch_step % self.num_streams, list(self.streams), self.allow_repeats)
         w = self.cfg.num_workers
+        # timeout: a worker that is alive but stuck (a hung network-filesystem read, a deadlocked decoder) would
+        # otherwise block the step for ever with nothing said; torch raises after that many seconds without a batch
         loader = DataLoader(ds, batch_size=None, num_workers=w, collate_fn=_identity, pin_memory=self.pin_memory,
-                            prefetch_factor=self.cfg.prefetch_factor if w > 0 else None, persistent_workers=False)
+                            prefetch_factor=self.cfg.prefetch_factor if w > 0 else None, persistent_workers=False,
+                            timeout=float(self.cfg.worker_timeout) if w > 0 else 0.0)
         it = iter(loader)
         try:
             while True:
@@ -847,6 +853,10 @@ class ShardLoader:
                     if shard is not None and self.paths[shard] not in open_shards:
                         open_shards.append(self.paths[shard])
         where = f" (open shards: {', '.join(repr(p) for p in open_shards[:4])})" if open_shards else ""
+        if "timed out" in str(error):
+            return DataError(f"rank {self.rank}: no batch from the data loader workers in {self.cfg.worker_timeout:g} "
+                             f"s: a worker is stuck (a hung filesystem read?){where}; if batches are just that slow "
+                             "to make, raise --data.worker_timeout (0: wait for ever)")
         return DataError(f"rank {self.rank}: a data loader worker failed{where}: {one_line(error)}")
 
     def _next_epoch(self) -> None:

@@ -52,6 +52,7 @@ class DataConfig:
     batch_size: int = 64  # image-caption pairs per micro-batch per rank (global batch = this x ranks x accum_steps)
     num_workers: int = 2  # loader worker processes (decode, augment, tokenise); also the number of streams
     prefetch_factor: int = 2  # batches prefetched per worker
+    worker_timeout: float = 600.0  # seconds without a batch from the workers before a stuck one stops the run; 0: wait
     resampled: bool = True  # shards drawn with replacement forever (step-based training); False: epochs
     shuffle: bool = True  # shuffle shards, samples within shards and across open shards
     shuffle_buffer: int = 1000  # within-shard shuffle width (samples)
@@ -254,7 +255,8 @@ def validate(cfg: TrainConfig) -> list[str]:
                 "eval.size": cfg.eval.size, "schedule.accum_steps": cfg.schedule.accum_steps,
                 "checkpoint.keep": cfg.checkpoint.keep, "logging.every": cfg.logging.every}
     errs += [f"{k}={v}: must be >= 1" for k, v in positive.items() if v < 1]  # eval.size: also in _POSITIVE
-    non_negative = {"data.num_workers": cfg.data.num_workers, "schedule.steps": cfg.schedule.steps,
+    non_negative = {"data.num_workers": cfg.data.num_workers, "data.worker_timeout": cfg.data.worker_timeout,
+                    "schedule.steps": cfg.schedule.steps,
                     "schedule.warmup_steps": cfg.schedule.warmup_steps, "eval.every": cfg.eval.every,
                     "checkpoint.every": cfg.checkpoint.every, "optim.lr": cfg.optim.lr,
                     "schedule.min_lr": cfg.schedule.min_lr, "optim.weight_decay": cfg.optim.weight_decay,

@@ -325,6 +325,8 @@ class _FailingText:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+        if len(captions) > 1 and self.how == "hang":  # alive but stuck, as on a hung filesystem read
+            time.sleep(3600)
         return self.inner(captions, batch_id)
 
 
@@ -361,3 +363,21 @@ def test_epoch_mode_checks_each_ranks_own_shards(clean_shards, tmp_path):
     assert sorted(outcomes)[1] == "ok", outcomes
     assert re.match(rf"^no usable shard among the 1 that rank \d reads in epoch 1 of '.*': '{empty}' is an empty tar "
                     r"\(no samples\)$", sorted(outcomes)[0]), outcomes
+
+
+def test_a_stuck_worker_is_one_line_after_the_timeout(clean_shards):
+    """A worker that stays alive but never delivers ends the loop after data.worker_timeout seconds with one line
+    naming the open shards and the flag, and no worker is left behind (before: the step blocked for ever)."""
+    import multiprocessing
+
+    L = loader(clean_shards["pattern"], text=_FailingText("hang"), num_workers=2, worker_timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(DataError) as e:
+        take(L, 3)
+    waited = time.monotonic() - t0
+    assert re.match(r"^rank 0: no batch from the data loader workers in 2 s: a worker is stuck .*open shards: '.*\.tar'"
+                    r".*raise --data.worker_timeout \(0: wait for ever\)$", str(e.value)), str(e.value)
+    assert 2 <= waited < 30
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+    with pytest.raises(ValueError, match="worker_timeout=-1 must be >= 0"):
+        loader(clean_shards["pattern"], worker_timeout=-1)

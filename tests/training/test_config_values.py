@@ -37,6 +37,7 @@ BAD_VALUES = [
     ("data.batch_size", "0", "must be >= 1"),
     ("data.batch_size", "1", "stage 1 needs >= 2"),
     ("data.num_workers", "-1", "must be >= 0"),
+    ("data.worker_timeout", "-5", "must be >= 0"),
     ("data.mix_shards", "0", "must be >= 1"),
     ("data.shuffle_buffer", "0", "must be >= 1"),
     ("data.max_words", "0", "must be >= 1"),

@@ -44,4 +44,6 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from .distributed import run_launched_cli
+
+    run_launched_cli(main)

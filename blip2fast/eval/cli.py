@@ -176,13 +176,15 @@ def init_distributed(device: torch.device) -> bool:
 
 
 def finish_distributed() -> None:
-    """Destroy the group after every rank is done: left to the interpreter's exit, gloo's threads can abort a
-    process that succeeded (see blip2fast.training.trainer.finish_distributed)."""
+    """Wait for every rank, then destroy the group (see blip2fast.training.trainer.finish_distributed)."""
     import torch.distributed as dist
+
+    from ..distributed import exits_without_teardown
 
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not exits_without_teardown():
+            dist.destroy_process_group()
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -478,4 +480,6 @@ def _jsonable(x: Any) -> Any:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from ..distributed import run_launched_cli
+
+    run_launched_cli(lambda: main(sys.argv[1:]))

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import distributed as dist_utils
 from ..data.captions import stable_hash
 from ..data.shards import DataError
 from . import checkpoint as ckpt
@@ -93,14 +94,15 @@ def init_distributed(cuda_graphs: bool = False) -> tuple[int, int, int]:
 
 
 def finish_distributed() -> None:
-    """After a normal end on every rank: destroy the process group this module started. Left to the interpreter's
-    exit, gloo's worker threads can still be alive while Python tears down and the process aborts ("terminate called
-    without an active exception", exit -6) after a run that succeeded. Not called after an error: a rank still in a
-    collective would block the others' destroy (failure.py ends those)."""
+    """After a normal end: wait for every rank, then destroy the process group this module started, unless the
+    process is a launched CLI that ends with os._exit next (distributed.run_launched_cli: the interpreter's teardown
+    of gloo could abort a finished run, and gloo's destroy can block once a peer has exited). Not called after an
+    error: a rank still in a collective would block the others (failure.py ends those)."""
     global _started_group
     if _started_group and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not dist_utils.exits_without_teardown():
+            dist.destroy_process_group()
     _started_group = False
 
 

@@ -86,11 +86,11 @@ def test_two_ranks_with_fsdp_sharded_tower_checkpoint_and_resume(tmp_path, demo_
 
 
 def test_finish_distributed_destroys_only_the_group_blip2fast_started(tmp_path, monkeypatch):
-    """A run that succeeds destroys the process group it started (left to the interpreter's exit, gloo's threads
-    aborted a finished two-rank run now and then: "terminate called without an active exception", exit -6); a group
-    the caller started before calling blip2fast stays theirs."""
+    """A run that succeeds waits for every rank and destroys the process group it started, except in a launched CLI,
+    which ends with os._exit right after (test_launched_exit.py); a group the caller started stays theirs."""
     import torch.distributed as dist
 
+    from blip2fast import distributed as dist_utils
     from blip2fast.training import trainer
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
@@ -100,6 +100,11 @@ def test_finish_distributed_destroys_only_the_group_blip2fast_started(tmp_path, 
         trainer.finish_distributed()
         assert dist.is_initialized()  # the caller's group
         monkeypatch.setattr(trainer, "_started_group", True)
+        monkeypatch.setattr(dist_utils, "_exits_without_teardown", True)  # a launched CLI: os._exit follows
+        trainer.finish_distributed()
+        assert dist.is_initialized() and trainer._started_group is False
+        monkeypatch.setattr(trainer, "_started_group", True)
+        monkeypatch.setattr(dist_utils, "_exits_without_teardown", False)  # called from Python
         trainer.finish_distributed()
         assert not dist.is_initialized() and trainer._started_group is False
     finally:

@@ -130,9 +130,10 @@ def llm_captions(model: nn.Module, pixel_values: Tensor, tokenizer, cfg: Caption
 
 
 # ------------------------------------------------------------------------------------------------ Q-Former decoder
-def _step_log_probs(model, ids: Tensor, cache: list, eos: int, allow_eos: bool) -> Tensor:
-    """(R, V) float32 log-probabilities of the next token after `ids` (R, t) given the query cache."""
-    states = model.qformer.itg_pass(ids, torch.ones_like(ids), cache)
+def _step_log_probs(model, ids: Tensor, memory: tuple, eos: int, allow_eos: bool) -> Tensor:
+    """(R, V) float32 log-probabilities of the next token after `ids` (R, t) given `_query_memory`'s output."""
+    cache, weights = memory
+    states = model.qformer.itg_pass(ids, torch.ones_like(ids), cache, weights=weights)
     logits = model.qformer.lm_head(states[:, -1:]).squeeze(1).float()
     logp = torch.log_softmax(logits, dim=-1)
     if not allow_eos:
@@ -140,13 +141,16 @@ def _step_log_probs(model, ids: Tensor, cache: list, eos: int, allow_eos: bool) 
     return logp
 
 
-def _query_cache(model, pixel_values: Tensor, repeat: int) -> list:
+def _query_memory(model, pixel_values: Tensor, repeat: int) -> tuple:
+    """(the queries' per-layer K/V cache, repeated `repeat` times per image; the Q-Former's fused projection
+    weights), what every decoding step reads: the weights are concatenated once per call, not once per token."""
+    weights = model.qformer.projection_weights()
     embeds = model.image_embeds(pixel_values)
     queries = model.query_tokens.expand(embeds.shape[0], -1, -1)
-    _, cache = model.qformer.query_pass(queries, model.qformer.image_kv(embeds))
+    _, cache = model.qformer.query_pass(queries, model.qformer.image_kv(embeds, weights), weights=weights)
     if repeat > 1:
         cache = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cache]
-    return cache
+    return cache, weights
 
 
 @torch.no_grad()
@@ -166,18 +170,18 @@ def qformer_generate(model: nn.Module, pixel_values: Tensor, num_beams: int = 1,
     start = torch.tensor([q.dec_token_id, *prompt_ids], dtype=torch.long, device=dev)
     with eval_mode(model), autocast(dev, amp):
         if num_beams == 1:
-            return _greedy(model, _query_cache(model, pixel_values, 1), start, B, max_new_tokens, min_new_tokens,
+            return _greedy(model, _query_memory(model, pixel_values, 1), start, B, max_new_tokens, min_new_tokens,
                            q.sep_token_id, q.pad_token_id)
-        return _beam(model, _query_cache(model, pixel_values, num_beams), start, B, num_beams, max_new_tokens,
+        return _beam(model, _query_memory(model, pixel_values, num_beams), start, B, num_beams, max_new_tokens,
                      min_new_tokens, length_penalty, q.sep_token_id, q.pad_token_id)
 
 
-def _greedy(model, cache, start, B, max_new, min_new, eos, pad) -> Tensor:
+def _greedy(model, memory, start, B, max_new, min_new, eos, pad) -> Tensor:
     ids = start.expand(B, -1).clone()
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     new = []
     for t in range(max_new):
-        nxt = _step_log_probs(model, ids, cache, eos, allow_eos=t >= min_new).argmax(dim=-1)
+        nxt = _step_log_probs(model, ids, memory, eos, allow_eos=t >= min_new).argmax(dim=-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         new.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -187,7 +191,7 @@ def _greedy(model, cache, start, B, max_new, min_new, eos, pad) -> Tensor:
     return torch.stack(new, dim=1)
 
 
-def _beam(model, cache, start, B, K, max_new, min_new, length_penalty, eos, pad) -> Tensor:
+def _beam(model, memory, start, B, K, max_new, min_new, length_penalty, eos, pad) -> Tensor:
     dev = start.device
     ids = start.expand(B * K, -1).clone()  # (B*K, t)
     scores = torch.full((B, K), float("-inf"), device=dev)
@@ -200,7 +204,7 @@ def _beam(model, cache, start, B, K, max_new, min_new, length_penalty, eos, pad)
         return score / (length ** length_penalty)
 
     for t in range(max_new):
-        logp = _step_log_probs(model, ids, cache, eos, allow_eos=t >= min_new)  # (B*K, V)
+        logp = _step_log_probs(model, ids, memory, eos, allow_eos=t >= min_new)  # (B*K, V)
         V = logp.shape[1]
         cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
         top_scores, top_pos = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K)

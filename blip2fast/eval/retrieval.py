@@ -155,15 +155,18 @@ def itm_pair_logits(model: nn.Module, feats: RetrievalFeatures, image_index: Ten
     P = image_index.shape[0]
     out = torch.empty((P, 2), dtype=torch.float32, device=dev)
     image_index, text_index = image_index.to(dev), text_index.to(dev)
+    with autocast(dev, amp):
+        weights = model.qformer.projection_weights()  # once for every batch of pairs (in the autocast dtype)
     for s in range(0, P, itm_batch):
         e = min(P, s + itm_batch)
         images, rows = torch.unique(image_index[s:e], return_inverse=True)
         txt = text_index[s:e]
         with autocast(dev, amp):
-            kv = model.qformer.image_kv(feats.image_embeds[images.to(feats.image_embeds.device)].to(dev))
+            kv = model.qformer.image_kv(feats.image_embeds[images.to(feats.image_embeds.device)].to(dev), weights)
             queries = model.query_tokens.expand(e - s, -1, -1)
             states = model.qformer.itm_pass(queries, feats.text_ids[txt.to(feats.text_ids.device)].to(dev),
-                                            feats.text_mask[txt.to(feats.text_mask.device)].to(dev), kv, rows)
+                                            feats.text_mask[txt.to(feats.text_mask.device)].to(dev), kv, rows,
+                                            weights=weights)
             out[s:e] = model._itm_head(states).float()
     return out
 

@@ -326,9 +326,10 @@ class QFormer(nn.Module):
         return out[:, :Q], out[:, Q:]
 
     def itg_pass(self, decoder_ids: Tensor, attention_mask: Tensor, query_cache: list,
-                 drop: Optional[DropoutContext] = None) -> Tensor:
+                 drop: Optional[DropoutContext] = None, weights: Optional[ProjectionWeights] = None) -> Tensor:
         """decoder_ids (B, T) ([DEC] first) attend to the cached query K/V and causally to earlier text."""
         Q = query_cache[0][0].shape[2]
         hidden = self.embeddings(input_ids=decoder_ids)
         padding = _queries_visible(attention_mask, Q)
-        return self._run(hidden, 0, drop, q_offset=Q, past=query_cache, key_padding=padding, causal_prefix=Q)[0]
+        return self._run(hidden, 0, drop, q_offset=Q, past=query_cache, key_padding=padding, causal_prefix=Q,
+                         weights=weights)[0]

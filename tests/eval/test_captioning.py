@@ -56,8 +56,8 @@ def test_one_beam_is_greedy(model):
     pixels = images(2, seed=13, dtype=torch.float64)
     greedy = qformer_generate(model, pixels, num_beams=1, max_new_tokens=10)
     start = torch.tensor([DEC])
-    cache = captioning._query_cache(model, pixels, 1)
-    beam = captioning._beam(model, cache, start, 2, 1, 10, 0, 1.0, EOS, 0)
+    memory = captioning._query_memory(model, pixels, 1)
+    beam = captioning._beam(model, memory, start, 2, 1, 10, 0, 1.0, EOS, 0)
     assert torch.equal(beam, greedy[:, : beam.shape[1]]) and (greedy[:, beam.shape[1]:] == 0).all()
 
 

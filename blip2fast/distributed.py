@@ -169,13 +169,16 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
-_exits_without_teardown = False  # set while run_launched_cli runs a launched process's main()
+_exits_without_teardown = False  # set by run_launched_cli under torchrun: os._exit follows main(), see there
 
 
-def exits_without_teardown() -> bool:
-    """True inside run_launched_cli under torchrun: the process ends with os._exit right after main() returns, so
-    there is no process group to destroy (and gloo's destroy can block once a peer rank has exited)."""
-    return _exits_without_teardown
+def end_process_group() -> None:
+    """A normal end of a group this process started: wait for every rank, then destroy the group, unless this is a
+    launched CLI that leaves with os._exit next (gloo's destroy can block once a peer rank has exited). Not for
+    after an error: a rank still in a collective would block the barrier (training/failure.py ends those)."""
+    dist.barrier()
+    if not _exits_without_teardown:
+        dist.destroy_process_group()
 
 
 def run_launched_cli(main: Callable[[], object]) -> None:

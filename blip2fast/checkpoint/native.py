@@ -183,39 +183,46 @@ def recorded_preprocess(path: str, config: Blip2Config):
     try:
         if kind == "native" and read_native_meta(where).get("preprocess"):
             return Preprocess.from_dict(read_native_meta(where)["preprocess"])
-        if kind == "checkpoint":
-            with open(os.path.join(where, "trainer.json"), encoding="utf-8") as f:
-                data = json.load(f)["config"]["data"]
-            if data.get("image_mean") and data.get("image_std") and data.get("resize"):
-                return Preprocess(config.vision.image_size, data["resize"], tuple(data["image_mean"]),
-                                  tuple(data["image_std"]), f"the run's config ({where})")
+        data = _run_data_config(where) if kind == "checkpoint" else {}
+        if data.get("image_mean") and data.get("image_std") and data.get("resize"):
+            return Preprocess(config.vision.image_size, data["resize"], tuple(data["image_mean"]),
+                              tuple(data["image_std"]), f"the run's config ({where})")
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return tower_preprocess(config.vision)
 
 
+def _run_data_config(where: str) -> dict:
+    """The `data` section of the training config behind a checkpoint folder (its trainer.json) or a run's model/
+    folder (the run's config.json beside it); {} when there is none. Raises what reading a bad file raises."""
+    trainer_file = os.path.join(where, "trainer.json")
+    if os.path.isfile(trainer_file):
+        with open(trainer_file, encoding="utf-8") as f:
+            return json.load(f)["config"]["data"]
+    run_config = os.path.join(os.path.dirname(os.path.abspath(where)), "config.json")
+    if os.path.isfile(run_config):
+        with open(run_config, encoding="utf-8") as f:
+            return json.load(f)["data"]
+    return {}
+
+
 def recorded_prompt(path: str) -> Optional[str]:
     """The caption prompt a stage-2 model was trained with: its native folder's record, or its run's config (a
-    checkpoint or a run folder); None when nothing records one (a LAVIS or transformers checkpoint)."""
+    checkpoint, or a run's model/ written before prompts were recorded); None when nothing records one (a LAVIS or
+    transformers checkpoint)."""
     try:
         kind, where = model_source(path)
     except FileNotFoundError:
         return None
+    if kind not in ("native", "checkpoint"):
+        return None
     try:
-        if kind == "native":
-            prompt = read_native_meta(where).get("prompt")
-            run_config = os.path.join(os.path.dirname(os.path.abspath(where)), "config.json")
-            if prompt is None and os.path.isfile(run_config):  # a run's model/ written before prompts were recorded
-                with open(run_config, encoding="utf-8") as f:
-                    prompt = json.load(f)["data"].get("prompt")
-            return prompt if isinstance(prompt, str) else None
-        if kind == "checkpoint":
-            with open(os.path.join(where, "trainer.json"), encoding="utf-8") as f:
-                prompt = json.load(f)["config"]["data"].get("prompt")
-            return prompt if isinstance(prompt, str) else None
+        prompt = read_native_meta(where).get("prompt") if kind == "native" else None
+        if prompt is None:
+            prompt = _run_data_config(where).get("prompt")
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+        return None
+    return prompt if isinstance(prompt, str) else None
 
 
 # ------------------------------------------------------------------------------------------------ save

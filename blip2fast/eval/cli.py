@@ -175,18 +175,6 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-def finish_distributed() -> None:
-    """Wait for every rank, then destroy the group (see blip2fast.training.trainer.finish_distributed)."""
-    import torch.distributed as dist
-
-    from ..distributed import exits_without_teardown
-
-    if dist.is_initialized():
-        dist.barrier()
-        if not exits_without_teardown():
-            dist.destroy_process_group()
-
-
 def resolve_device(name: Optional[str]) -> torch.device:
     if name is None:
         if torch.cuda.is_available():
@@ -465,7 +453,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             json.dump(_jsonable(record), f, indent=1)
         print(f"wrote {path}", flush=True)
     if started_group:
-        finish_distributed()
+        from ..distributed import end_process_group
+
+        end_process_group()
     return record
 
 

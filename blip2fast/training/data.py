@@ -153,8 +153,8 @@ def text_encoder(cfg: TrainConfig, model_cfg: Blip2Config, llm_is_encoder_decode
 def web_config(cfg: TrainConfig, urls: str, image_size: int) -> WebDataConfig:
     d = cfg.data
     return WebDataConfig(urls=urls, batch_size=d.batch_size, image_size=image_size, num_workers=d.num_workers,
-                         prefetch_factor=d.prefetch_factor, worker_timeout=d.worker_timeout, seed=cfg.seed, resampled=d.resampled, shuffle=d.shuffle,
-                         shuffle_buffer=d.shuffle_buffer, mix_shards=d.mix_shards, train=d.augment,
+                         prefetch_factor=d.prefetch_factor, worker_timeout=d.worker_timeout, seed=cfg.seed,
+                         resampled=d.resampled, shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, mix_shards=d.mix_shards, train=d.augment,
                          max_words=d.max_words, **_pixels(d),
                          drop_last=cfg.speed.cuda_graphs)  # a replayed CUDA graph takes one batch shape
 

@@ -94,15 +94,11 @@ def init_distributed(cuda_graphs: bool = False) -> tuple[int, int, int]:
 
 
 def finish_distributed() -> None:
-    """After a normal end: wait for every rank, then destroy the process group this module started, unless the
-    process is a launched CLI that ends with os._exit next (distributed.run_launched_cli: the interpreter's teardown
-    of gloo could abort a finished run, and gloo's destroy can block once a peer has exited). Not called after an
-    error: a rank still in a collective would block the others (failure.py ends those)."""
+    """After a normal end: the process group this module started ends (distributed.end_process_group); a group the
+    caller started stays theirs."""
     global _started_group
     if _started_group and dist.is_initialized():
-        dist.barrier()
-        if not dist_utils.exits_without_teardown():
-            dist.destroy_process_group()
+        dist_utils.end_process_group()
     _started_group = False
 
 

@@ -20,6 +20,7 @@ so any backend and any number of ranks reproduce the mask.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import hashing, kernel_cost
+from .autocast import autocast_dtype
 
 MASKED_SCORE = -10000.0  # BERT's / LAVIS's additive mask value
 
@@ -125,6 +127,21 @@ def visibility(
     return visible
 
 
+def _rows_and_mask(q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], causal_prefix: Optional[int],
+                   row_offset: int, kv_index: Optional[Tensor], mask_dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Each query row's K/V (picked by `kv_index`) and the additive mask (B, 1, Lq, Lk) or None (all visible)."""
+    if kv_index is not None:
+        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+    B, _, Lq, _ = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"K/V batch {k.shape[0]} != query batch {B}; pass kv_index to pick K/V rows per query row")
+    visible = visibility(B, Lq, k.shape[2], q.device, key_padding, causal_prefix, row_offset)
+    if visible is None:
+        return k, v, None
+    return k, v, torch.zeros(visible.shape, dtype=mask_dtype, device=q.device).masked_fill(~visible, MASKED_SCORE)
+
+
 def qformer_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -141,16 +158,9 @@ def qformer_attention_ref(
     q: (B, H, Lq, d); k, v: (Bk, H, Lk, d) with Bk = B, or any Bk when `kv_index` (B,) picks a K/V row per row.
     Returns (B, H, Lq, d) in q's dtype.
     """
-    if kv_index is not None:
-        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+    k, v, mask = _rows_and_mask(q, k, v, key_padding, causal_prefix, row_offset, kv_index, q.dtype)
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
-    if k.shape[0] != B:
-        raise ValueError(f"K/V batch {k.shape[0]} != query batch {B}; pass kv_index to pick K/V rows per query row")
-    visible = visibility(B, Lq, Lk, q.device, key_padding, causal_prefix, row_offset)
-    mask = None
-    if visible is not None:
-        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, MASKED_SCORE)
     if dropout is None or dropout.p == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
@@ -163,8 +173,78 @@ def qformer_attention_ref(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The torch backend with dropout on: the reference's math in fewer passes over the (B, H, Lq, Lk) scores.
+# The reference spends ~85 bytes of HBM traffic per score element (forward + backward) under bf16 autocast: the
+# 1/sqrt(d) and 1/(1-p) divisions are passes of their own, autocast runs the softmax in fp32, so the dropout's
+# division and select run in fp32 and the probabilities are cast back to bf16 for the second matmul (and every
+# one of those again in the backward). Here the two scales ride in the GEMMs (baddbmm's alpha), the softmax keeps
+# the input dtype (accumulating in fp32 inside the kernel, as the fused kernels do), and the backward is written
+# out: ~40 bytes per element, half the kernels. Same masks, same keep mask, same rounding points as
+# the fused kernels (probabilities rounded to the compute dtype before the second matmul).
+
+
+def _bmm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha * (a @ b) for 3-D a, b in one GEMM (beta=0: the expanded placeholder is never read)."""
+    placeholder = a.new_empty(()).expand(a.shape[0], a.shape[1], b.shape[2])
+    return torch.baddbmm(placeholder, a, b, beta=0.0, alpha=alpha)
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + mask) with hashed dropout, times v: q (B, H, Lq, d), k / v (B, H, Lk, d), all in
+    one dtype; `mask` (B or 1, 1, Lq, Lk) additive or None; `keep` (B, H, Lq, Lk) bool."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, keep, scale: float, keep_scale: float):
+        B, H, Lq, d = q.shape
+        Lk = k.shape[2]
+        q3, k3, v3 = (t.reshape(B * H, -1, d) for t in (q, k, v))  # copies only if the views are strided
+        scores = _bmm(q3, k3.transpose(1, 2), scale)
+        if mask is not None:
+            scores.view(B, H, Lq, Lk).add_(mask)
+        probs = scores.softmax(dim=-1)  # input dtype (autocast is off in here); fp32 accumulation inside
+        keep = keep.view(B * H, Lq, Lk)
+        kept = torch.where(keep, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+        out = _bmm(kept, v3, keep_scale)
+        ctx.save_for_backward(q3, k3, v3, probs, kept, keep)
+        ctx.scale, ctx.keep_scale, ctx.shape = scale, keep_scale, (B, H, Lq, Lk, d)
+        return out.view(B, H, Lq, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q3, k3, v3, probs, kept, keep = ctx.saved_tensors
+        B, H, Lq, Lk, d = ctx.shape
+        g3 = grad_out.reshape(B * H, Lq, d).to(q3.dtype)
+        grad_v = _bmm(kept.transpose(1, 2), g3, ctx.keep_scale)
+        grad_kept = _bmm(g3, v3.transpose(1, 2), ctx.keep_scale)
+        zero = torch.zeros((), dtype=grad_kept.dtype, device=grad_kept.device)
+        grad_probs = torch.where(keep, grad_kept, zero)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_q = _bmm(grad_scores, k3, ctx.scale)
+        grad_k = _bmm(grad_scores.transpose(1, 2), q3, ctx.scale)
+        return (grad_q.view(B, H, Lq, d), grad_k.view(B, H, Lk, d), grad_v.view(B, H, Lk, d), None, None, None,
+                None)
+
+
+def _dropout_attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor],
+                       causal_prefix: Optional[int], row_offset: int, kv_index: Optional[Tensor],
+                       dropout: AttnDropout) -> Tensor:
+    """The torch backend's path with dropout on: `qformer_attention_ref`'s result (to rounding) in fewer passes.
+    Computes in the autocast dtype under autocast (what the reference's matmuls did), else in q's dtype."""
+    device = q.device.type
+    autocast = autocast_dtype(device)
+    dtype = q.dtype if autocast is None else autocast
+    k, v, mask = _rows_and_mask(q, k, v, key_padding, causal_prefix, row_offset, kv_index, dtype)
+    B, H, Lq, d = q.shape
+    keep = dropout_keep_mask(dropout, H, Lq, k.shape[2])
+    with contextlib.nullcontext() if autocast is None else torch.autocast(device, enabled=False):
+        return _DropoutAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), mask, keep, 1.0 / math.sqrt(d),
+                                       1.0 / (1.0 - dropout.p))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public op: one function, backends chosen by argument > BLIP2FAST_BACKEND > automatic (ops/dispatch.py).
-#   "torch":  qformer_attention_ref above (any device and float dtype; autograd through PyTorch)
+#   "torch":  qformer_attention_ref above (any device and float dtype; autograd through PyTorch); with dropout on,
+#             _dropout_attention (the same result in fewer passes, its backward written out)
 #   "triton": kernels/qformer_attention.py, fused forward + backward behind the torch.library custom ops
 #             blip2fast::qformer_attention / blip2fast::qformer_attention_backward (custom_op + register_fake +
 #             register_autograd, so torch.compile(fullgraph=True) and CUDA graphs see them); CUDA tensors, or CPU
@@ -387,8 +467,10 @@ def qformer_attention(
     if _choose_backend(q, k, v, key_padding, kv_index, dropout, backend) == "torch":
         if key_padding is not None and key_padding.dim() == 1:  # lengths -> mask
             key_padding = torch.arange(k.shape[2], device=key_padding.device) < key_padding[:, None]
-        return qformer_attention_ref(q, k, v, key_padding=key_padding, causal_prefix=causal_prefix,
-                                     row_offset=row_offset, kv_index=kv_index, dropout=dropout)
+        if dropout is None:  # SDPA
+            return qformer_attention_ref(q, k, v, key_padding=key_padding, causal_prefix=causal_prefix,
+                                         row_offset=row_offset, kv_index=kv_index)
+        return _dropout_attention(q, k, v, key_padding, causal_prefix, row_offset, kv_index, dropout)
     d = dropout
     out, _ = _qformer_attention_op(
         q, k, v, key_padding, causal_prefix, int(row_offset), kv_index,

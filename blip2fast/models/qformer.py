@@ -207,7 +207,9 @@ class Layer(nn.Module):
             hidden, full_kv, q=q, key_padding=key_padding, causal_prefix=causal_prefix, row_offset=row_offset,
             dropout=None if drop is None else drop.at(p, self.index, cross=False, q_offset=q_offset),
         )
-        queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
+        # split, not two slices: its backward is one cat of the two gradients, where each slice's backward
+        # writes a zero-filled full-size gradient and autograd then adds the two
+        queries, text = hidden.split([num_queries, hidden.shape[1] - num_queries], dim=1)
         outs = []
         if num_queries:
             if self.cross_attn is not None and image_kv is not None:
@@ -323,7 +325,8 @@ class QFormer(nn.Module):
         padding = _queries_visible(attention_mask, Q)
         out = self._run(hidden, Q, drop, image_kv=image_kv, key_padding=padding, causal_prefix=Q, row_offset=-Q,
                         weights=weights)[0]
-        return out[:, :Q], out[:, Q:]
+        queries_out, text_out = out.split([Q, out.shape[1] - Q], dim=1)  # one cat in the backward (Layer.forward)
+        return queries_out, text_out
 
     def itg_pass(self, decoder_ids: Tensor, attention_mask: Tensor, query_cache: list,
                  drop: Optional[DropoutContext] = None, weights: Optional[ProjectionWeights] = None) -> Tensor:

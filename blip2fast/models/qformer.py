@@ -11,8 +11,10 @@ One stack of layers serves four kinds of pass (the spec's mask table); each is a
     itg_pass     [text]              attends to the cached query K/V plus causally to earlier text; text FFN.
     query_itg_pass [queries | text]  training's query and ITG passes as one (the same mathematics; see there).
 
-Image K/V: `image_kv(image_embeds)` projects each cross-attention layer's K/V once per step; every pass that
-cross-attends reads them (optionally through a row -> image index), so no image is projected twice.
+Image K/V: `image_kv(image_embeds)` projects every cross-attention layer's K/V once per step, all layers in one
+GEMM (the image is read and cast once, and its gradient is one GEMM accumulating over the layers in fp32, not one
+per layer plus five fp32 sums); every pass that cross-attends reads them (optionally through a row -> image
+index), so no image is projected twice.
 
 Input projections are one GEMM each: self-attention's query, key and value read the same hidden states, and
 cross-attention's key and value the same image, so each block multiplies by the concatenation of its nn.Linear
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from ..config import QFormerConfig
 from ..ops.attention import AttnDropout, qformer_attention
+from ..ops.autocast import autocast_dtype
 from ..ops.layer_norm import layer_norm
 
 # Pass ids feed the dropout hash's `site` so different passes draw independent masks.
@@ -84,7 +87,14 @@ class ProjectionWeights:
     layer i's self-attention, `cross_kv[i]` of its cross-attention (None where it has none)."""
 
     self_qkv: list[Projection]
-    cross_kv: list[Optional[Projection]]
+    image_kv: Optional[Projection]  # [key | value] of every cross-attention layer, in layer order (None: none)
+
+
+def _cast_for_autocast(weight: Tensor, bias: Tensor) -> Projection:
+    """(weight, bias) in the autocast dtype when autocast is on for their device (F.linear then casts only its
+    input), else unchanged."""
+    dtype = autocast_dtype(weight.device.type)
+    return (weight, bias) if dtype is None else (weight.to(dtype), bias.to(dtype))
 
 
 class Attention(nn.Module):
@@ -111,17 +121,7 @@ class Attention(nn.Module):
         for cross-attention. Under autocast it comes cast to the autocast dtype, so F.linear casts only the input;
         gradients reach the three (two) nn.Linear parameters through the concatenation."""
         linears = (self.key, self.value) if self.cross else (self.query, self.key, self.value)
-        weight = torch.cat([l.weight for l in linears])
-        bias = torch.cat([l.bias for l in linears])
-        device = weight.device.type
-        try:
-            autocast = torch.is_autocast_enabled(device)
-        except RuntimeError:  # a device type autocast does not know (meta outside the cost model's trace)
-            autocast = False
-        if autocast:
-            dtype = torch.get_autocast_dtype(device)
-            weight, bias = weight.to(dtype), bias.to(dtype)
-        return weight, bias
+        return _cast_for_autocast(torch.cat([l.weight for l in linears]), torch.cat([l.bias for l in linears]))
 
     def project(self, x: Tensor, weights: Optional[Projection] = None) -> tuple[Tensor, ...]:
         """(q, k, v) of x for self-attention, (k, v) of the image x for cross-attention, each (B, H, L, d): one
@@ -260,17 +260,28 @@ class QFormer(nn.Module):
     def projection_weights(self) -> ProjectionWeights:
         """Every block's fused input projection (see the module docstring): build once per step, pass to each
         pass and to `image_kv` as `weights=`. Passes called without it build their own."""
-        return ProjectionWeights([l.self_attn.fused_projection() for l in self.layers],
-                                 [None if l.cross_attn is None else l.cross_attn.fused_projection()
-                                  for l in self.layers])
+        return ProjectionWeights([l.self_attn.fused_projection() for l in self.layers], self._image_projection())
+
+    def _image_projection(self) -> Optional[Projection]:
+        """[key | value] of every cross-attention layer stacked in layer order, as one (weight, bias)."""
+        linears = [m for l in self.layers if l.cross_attn is not None for m in (l.cross_attn.key, l.cross_attn.value)]
+        if not linears:
+            return None
+        return _cast_for_autocast(torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]))
 
     def image_kv(self, image_embeds: Tensor, weights: Optional[ProjectionWeights] = None
                  ) -> list[Optional[tuple[Tensor, Tensor]]]:
-        """Each cross-attention layer's image K/V, (B_img, H, N, d) each: computed once per step, reused by all
-        passes that cross-attend."""
-        return [None if l.cross_attn is None else
-                l.cross_attn.project(image_embeds, None if weights is None else weights.cross_kv[i])
-                for i, l in enumerate(self.layers)]
+        """Each cross-attention layer's image K/V, (B_img, H, N, d) each (None for a layer without one): all
+        layers in one GEMM, once per step, reused by every pass that cross-attends."""
+        cross = [l.cross_attn for l in self.layers if l.cross_attn is not None]
+        if not cross:
+            return [None] * len(self.layers)
+        weight, bias = self._image_projection() if weights is None else weights.image_kv
+        B, N, _ = image_embeds.shape
+        H, d = cross[0].heads, cross[0].head_dim
+        parts = F.linear(image_embeds, weight, bias).view(B, N, 2 * len(cross), H, d).unbind(2)
+        kv = iter(t.transpose(1, 2) for t in parts)  # (B, H, N, d) views; unbind's backward is one stack
+        return [None if l.cross_attn is None else (next(kv), next(kv)) for l in self.layers]
 
     def _run(self, hidden: Tensor, num_queries: int, drop: Optional[DropoutContext], q_offset: int = 0,
              past: Optional[list] = None, image_kv: Optional[list] = None,

@@ -147,12 +147,13 @@ def tiny_step():
 
 
 def test_fused_projection_weights_are_cast_once_per_step(tiny_step):
-    """Under (stand-in) CUDA autocast the Q-Former's concatenated q/k/v and k/v weights are cast to bf16 once per
-    step, where they are built, as on a GPU; a per-pass cast of them would mean the model's autocast check did not
-    see the trace's meta tensors as CUDA ones (it charged 96 extra casts at paper size before)."""
+    """Under (stand-in) CUDA autocast the Q-Former's concatenated q/k/v weights (one per layer) and the image K/V
+    weights of all cross-attention layers (one) are cast to bf16 once per step, where they are built, as on a GPU;
+    a per-pass cast of them would mean the model's autocast check did not see the trace's meta tensors as CUDA
+    ones (it charged 96 extra casts at paper size before)."""
     spec, events = tiny_step
     cfg = model_config(spec).qformer
-    blocks = cfg.num_layers + sum(cfg.has_cross_attention(i) for i in range(cfg.num_layers))
+    blocks = cfg.num_layers + any(cfg.has_cross_attention(i) for i in range(cfg.num_layers))
     casts = [e for e in kernels(events) if e.region == "Q-Former fused projection weights" and e.op == "aten::_to_copy"
              and e.phase == "forward"]
     assert len(casts) == 2 * blocks and all(e.dtype == "bfloat16" for e in casts)  # weight and bias per block

@@ -148,15 +148,36 @@ def test_itc_text_pass_is_bidirectional_and_query_free():
 def test_image_kv_is_projected_once_per_step(monkeypatch):
     m = make_model().eval()
     calls = []
-    for layer in m.qformer.layers:
-        if layer.cross_attn is not None:
-            orig = layer.cross_attn.project
-            monkeypatch.setattr(layer.cross_attn, "project",
-                                lambda x, w=None, orig=orig: calls.append(x.shape[0]) or orig(x, w))
+    orig = m.qformer.image_kv
+    monkeypatch.setattr(m.qformer, "image_kv", lambda x, w=None: calls.append(x.shape[0]) or orig(x, w))
     B = 4
     m.stage1_loss(*make_batch(B))
-    n_cross = sum(l.cross_attn is not None for l in m.qformer.layers)
-    assert calls == [B] * n_cross, calls
+    assert calls == [B], calls  # the ITM rows pick their image's K/V by index
+
+
+def test_image_kv_of_all_layers_in_one_gemm_equals_each_layers_projection():
+    """image_kv stacks every cross-attention layer's [key | value] into one GEMM: the same K/V as each layer's own
+    projection, and the same gradients for the image and for each layer's weights."""
+    m = make_model().double()
+    cross = [l.cross_attn for l in m.qformer.layers if l.cross_attn is not None]
+    assert len(cross) >= 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, cross[0].key.in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    stacked = [kv for kv in m.qformer.image_kv(x) if kv is not None]
+    separate = [a.project(x) for a in cross]
+    assert len(stacked) == len(separate)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for kv in separate for t in kv]
+    params = [x] + [p for a in cross for p in (a.key.weight, a.value.bias)]
+    grads = []
+    for kvs in (stacked, separate):
+        loss = sum((t * w).sum() for t, w in zip([t for kv in kvs for t in kv], weights))
+        grads.append(torch.autograd.grad(loss, params))
+    for (k1, v1), (k2, v2) in zip(stacked, separate):
+        assert k1.shape == k2.shape == (3, cross[0].heads, 5, cross[0].head_dim)
+        torch.testing.assert_close(k1, k2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v1, v2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_frozen_tower_stays_frozen_and_in_eval_mode():

@@ -84,7 +84,8 @@ Projection = tuple[Tensor, Tensor]  # (weight (out, in), bias (out,)) of a fused
 @dataclass
 class ProjectionWeights:
     """Every block's fused input projection, built once per step (`QFormer.projection_weights`): `self_qkv[i]` of
-    layer i's self-attention, `cross_kv[i]` of its cross-attention (None where it has none)."""
+    layer i's self-attention, `image_kv` the [key | value] of every cross-attention layer stacked (one GEMM in
+    `QFormer.image_kv`)."""
 
     self_qkv: list[Projection]
     image_kv: Optional[Projection]  # [key | value] of every cross-attention layer, in layer order (None: none)

@@ -1,4 +1,7 @@
-"""The one question the ops and the Q-Former ask autocast: which dtype does it compute matmuls in here, if any.
+"""Which dtype autocast computes matmuls in on a device type, if any: asked by the Q-Former's weight casts and the
+torch attention with dropout. (ops/linear_ce.py, ops/layer_norm.py, models/fp8.py and models/vision.py still ask
+torch themselves, for cpu / cuda only; moving them here changes what the cost model's trace runs, see
+benchmarks/cost_model/trace.py's linear_cross_entropy stand-in.)
 
 `torch.is_autocast_enabled(device_type)` raises for device types autocast does not know (meta tensors outside the
 cost model's trace); those count as autocast off. Any device type is asked, not only "cpu" / "cuda": the cost model
